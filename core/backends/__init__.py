@@ -1,0 +1,124 @@
+"""Backends: small objects with the same verbs (lower, save, run) per export target.
+
+Capture (``torch.export``) is shared: one captured program feeds every target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sora_export.core.types import Chunk, DeviceProfile
+
+
+class Backend(Protocol):
+    """What the engine needs from an export target."""
+
+    name: str
+    suffix: str  # ".mlpackage" or ".onnx"
+
+    def lower(
+        self,
+        program: torch.export.ExportedProgram,
+        chunk: Chunk,
+        profile: DeviceProfile,
+        precision: str,
+    ) -> Any:
+        """Turn a captured program into the target's in-memory model at ``precision``."""
+        ...
+
+    def save(self, models: dict[str, Any], path: Path) -> tuple[str, ...]:
+        """Write ``{function_name: model}`` to ``path`` (a temp path; the engine renames).
+
+        Returns the function names stored. Several functions share one copy of weights.
+        """
+        ...
+
+    def run(self, path: Path, inputs: dict[str, Any], function: str) -> dict[str, Any]:
+        """Run a saved artifact on numpy inputs (for verification)."""
+        ...
+
+
+def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+    """Capture a module with torch.export and decompose to the core ATen op set.
+
+    torch.export is used instead of torch.jit.trace because coremltools fails on traced
+    shape arithmetic (``B, N, _ = x.shape`` followed by ``view``) with torch 2.13.
+    """
+    with torch.no_grad():
+        program = torch.export.export(module, tuple(example_inputs), strict=False)
+    program = program.run_decompositions({})
+    _drop_aliases(program)
+    return program
+
+
+def _drop_aliases(program: Any) -> None:
+    """Remove ``aten.alias`` nodes (no-op views, e.g. a full-size slice or a same-dtype
+    cast) that coremltools cannot convert; each use is rewired to the aliased tensor."""
+    graph = program.graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
+    if changed:
+        graph.lint()
+        program.graph_module.recompile()
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of all files under a directory (an .mlpackage)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tree_sha256(path: Path) -> str:
+    """SHA-256 over a file, or over the relative paths and contents of a directory."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f is not path:
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def atomic_replace(tmp: Path, final: Path) -> None:
+    """Move a finished temp artifact into place; a reader never sees a half-written one."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        remove_path(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove_path(old)
+    else:
+        os.replace(tmp, final)
+
+
+def get_backend(name: str) -> Backend:
+    if name == "coreml":
+        from sora_export.core.backends.coreml import CoreMLBackend
+
+        return CoreMLBackend()
+    if name == "onnx":
+        from sora_export.core.backends.onnx import ONNXBackend
+
+        return ONNXBackend()
+    raise ValueError(f"unknown target {name!r}")

@@ -1,0 +1,101 @@
+"""Core ML backend: ML Program packages via coremltools from a torch.export program."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sora_export.core.types import Chunk, DeviceProfile
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
+
+
+def quiet_coremltools() -> Any:
+    """Import coremltools without its progress bars and untested-torch chatter.
+
+    The engine prints its own progress; coremltools' tqdm bars and the warning that torch
+    2.13 is untested (the torch.export path is what we rely on and verify) would bury it.
+    """
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import coremltools as ct
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    return ct
+
+
+def deployment_target(ct: Any, name: str) -> Any:
+    try:
+        return getattr(ct.target, name)
+    except AttributeError:
+        known = [t for t in dir(ct.target) if not t.startswith("_")]
+        raise ValueError(f"unknown Core ML deployment target {name!r}; known: {known}") from None
+
+
+class CoreMLBackend:
+    """Lower to an ML Program, save (multifunction when a chunk has variants), run back."""
+
+    name = "coreml"
+    suffix = ".mlpackage"
+
+    def lower(self, program: Any, chunk: Chunk, profile: DeviceProfile, precision: str) -> Any:
+        ct = quiet_coremltools()
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"Core ML lowering precision must be fp16 or fp32, got {precision}")
+        inputs = [
+            ct.TensorType(name=spec.name, shape=spec.shape, dtype=_NP_DTYPES[spec.dtype])
+            for spec in chunk.inputs
+        ]
+        outputs = [ct.TensorType(name=spec.name) for spec in chunk.outputs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ct.convert(
+                program,
+                inputs=inputs,
+                outputs=outputs,
+                minimum_deployment_target=deployment_target(ct, profile.deployment_target),
+                compute_precision=(
+                    ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32
+                ),
+                compute_units=ct.ComputeUnit[profile.compute_units],
+                skip_model_load=True,  # Core ML cannot load off macOS; we verify separately
+            )
+
+    def save(self, models: dict[str, Any], path: Path) -> tuple[str, ...]:
+        ct = quiet_coremltools()
+        if len(models) == 1:
+            (model,) = models.values()
+            model.save(str(path))
+            return ("main",)
+        from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".mf-") as tmp:
+            descriptor = MultiFunctionDescriptor()
+            for function, model in models.items():
+                single = Path(tmp) / f"{function}.mlpackage"
+                model.save(str(single))
+                descriptor.add_function(str(single), "main", function)
+            descriptor.default_function_name = next(iter(models))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                save_multifunction(descriptor, str(path))
+        del ct
+        return tuple(models)
+
+    def run(self, path: Path, inputs: dict[str, Any], function: str = "main") -> dict[str, Any]:
+        """Real Core ML on macOS when it loads; otherwise the MIL reference interpreter."""
+        from sora_export.core.verify.mil_interpreter import run_mlpackage
+
+        return run_mlpackage(path, inputs, function=function)
+
+    @staticmethod
+    def runner_name() -> str:
+        if platform.system() == "Darwin":
+            return "coreml-predict"
+        return "mil-interpreter"

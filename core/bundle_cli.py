@@ -1,0 +1,204 @@
+"""``sora-export verify BUNDLE`` and ``sora-export inspect BUNDLE``.
+
+``verify`` re-checks an existing bundle from its manifest: every artifact must exist with
+the recorded SHA-256, and every chunk is re-run against a PyTorch reference rebuilt from
+the manifest's request (same plugins, profile, size, seed and weights). Exit 1 if any
+artifact fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from sora_export.core.backends import tree_sha256
+from sora_export.core.errors import UsageError
+from sora_export.core.types import ExportRequest, Verification
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / "manifest.json"
+    if not path.exists():
+        raise UsageError(f"{str(bundle)!r} is not a sora-export bundle (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != "sora-export-bundle":
+        raise UsageError(f"{str(path)!r} is not a sora-export manifest")
+    return manifest
+
+
+@attrs.frozen
+class ArtifactCheck:
+    component: str
+    chunk: str
+    target: str
+    path: str
+    integrity: str  # "ok", "missing", "altered"
+    verification: Verification | None
+
+    @property
+    def passed(self) -> bool:
+        return self.integrity == "ok" and (
+            self.verification is None or self.verification.passed
+        )
+
+
+def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
+    """Check integrity of every artifact, and (``numeric``) re-run it against PyTorch."""
+    from sora_export.core import engine
+    from sora_export.core.registry import Registry
+
+    manifest = read_manifest(bundle)
+    req = manifest.get("request", {})
+    plan = None
+    if numeric:
+        request = ExportRequest(
+            plugins=tuple(req.get("plugins", ())),
+            profile=req.get("profile", manifest["profile"]["name"]),
+            output=bundle,
+            weights={k: Path(v) for k, v in req.get("weights", {}).items()},
+            size=req.get("size", "tiny"),
+            targets=tuple(req.get("targets", ())),
+            quantize=req.get("quantize"),
+            verify=True,
+            seed=req.get("seed", 0),
+        )
+        registry = Registry.discover()
+        plan = engine.plan(request, registry)
+        chunks = {c.key: c for c in plan.chunks}
+        active = set(plan.plugins)
+    checks = []
+    for comp in manifest["components"]:
+        for entry in comp["chunks"]:
+            key = f"{comp['name']}/{entry['name']}"
+            rel = entry.get("path")
+            path = bundle / rel if rel else None
+            if path is None or not path.exists():
+                checks.append(ArtifactCheck(comp["name"], entry["name"], comp["target"],
+                                            str(rel), "missing", None))
+                continue
+            integrity = "ok" if tree_sha256(path) == entry["sha256"] else "altered"
+            verification = None
+            if plan is not None and key in chunks:
+                chunk = chunks[key]
+                timings: dict[str, float] = {}
+                prepared = _references(chunk, registry, active, plan, timings)
+                start = time.perf_counter()
+                verification = engine.verify_artifact(
+                    path,
+                    comp["target"],
+                    prepared[0],
+                    prepared[1],
+                    plan.profile.threshold_for(entry.get("quantization") or "fp16"),
+                    prepared[2],
+                )
+                verification = attrs.evolve(verification, seconds=time.perf_counter() - start)
+            checks.append(
+                ArtifactCheck(comp["name"], entry["name"], comp["target"], rel, integrity,
+                              verification)
+            )
+    return checks
+
+
+def _references(chunk, registry, active, plan, timings):
+    """Rebuild a chunk's PyTorch module(s) and fp32 reference outputs for each function."""
+    from sora_export.core import engine
+
+    module = chunk.build()
+    module.eval()
+    inputs = tuple(t.contiguous() for t in chunk.example_inputs())
+    references = {}
+    seconds = 0.0
+    for variant in chunk.functions:
+        m = module
+        for _plugin, replacement in registry.call(
+            "sora_export_patch_module", active, chunk=chunk, module=m, variant=variant,
+            profile=plan.profile,
+        ):
+            m = replacement
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = m(*inputs)
+        seconds += time.perf_counter() - start
+        references[variant] = engine._outputs_dict(chunk, out)
+    return engine._inputs_dict(chunk, inputs), references, seconds
+
+
+def _verify_main(argv: Sequence[str]) -> int:
+    from rich.table import Table
+
+    from sora_export.core.report import console
+
+    p = argparse.ArgumentParser(prog="sora-export verify")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--integrity-only", action="store_true",
+                   help="check files and hashes only, without re-running PyTorch")
+    args = p.parse_args(argv)
+    checks = verify_bundle(args.bundle, numeric=not args.integrity_only)
+    table = Table(title=f"verify {args.bundle}", header_style="bold")
+    for col in ("chunk", "target", "integrity", "backend", "PSNR dB", "max abs err", "status"):
+        table.add_column(col)
+    for c in checks:
+        v = c.verification
+        table.add_row(
+            f"{c.component}/{c.chunk}",
+            c.target,
+            c.integrity if c.integrity == "ok" else f"[bold red]{c.integrity}[/]",
+            v.backend if v else "-",
+            f"{v.psnr_db:.1f}" if v else "-",
+            f"{v.max_abs_err:.3g}" if v else "-",
+            "[green]pass[/]" if c.passed else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(checks)} artifact(s) failed[/]")
+        return 1
+    console.print(f"[green]all {len(checks)} artifact(s) passed[/]")
+    return 0
+
+
+def _inspect_main(argv: Sequence[str]) -> int:
+    from rich.table import Table
+
+    from sora_export.core.report import console, human_bytes, human_count
+
+    p = argparse.ArgumentParser(prog="sora-export inspect")
+    p.add_argument("bundle", type=Path)
+    args = p.parse_args(argv)
+    manifest = read_manifest(args.bundle)
+    console.print(
+        f"[bold]{args.bundle}[/]: profile {manifest['profile']['name']}, pipeline "
+        f"{' -> '.join(manifest.get('pipeline', []))}, plugins {', '.join(manifest['plugins'])}"
+    )
+    table = Table(header_style="bold")
+    for col in ("chunk", "target", "params", "size", "functions", "inputs", "outputs"):
+        table.add_column(col)
+    for comp in manifest["components"]:
+        for ch in comp["chunks"]:
+            table.add_row(
+                f"{comp['name']}/{ch['name']}",
+                comp["target"],
+                human_count(ch["params"]),
+                human_bytes(ch["bytes"]),
+                ",".join(ch["functions"]),
+                "\n".join(f"{i['name']} {i['shape']}" for i in ch["inputs"]),
+                "\n".join(f"{o['name']} {o['shape']}" for o in ch["outputs"]),
+            )
+    console.print(table)
+    return 0
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    if command == "verify":
+        return _verify_main(argv)
+    return _inspect_main(argv)

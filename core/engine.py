@@ -1,0 +1,1010 @@
+"""The export engine: plan -> run -> package.
+
+``plan()`` resolves plugins, profile and weights and asks plugins to chunk each component;
+it writes nothing, so every refusal leaves the disk as it was. ``run()`` exports one chunk
+at a time (build only that chunk's weights, pre-trace patch, capture once, lower per target,
+quantize, save atomically, verify, free) into a staging directory ``OUT.partial`` that
+becomes ``OUT`` only when every chunk succeeded; an interrupted or failed run can be
+continued with ``--resume``. ``package()`` writes manifest.json and report.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from sora_export.core.backends import (
+    atomic_replace,
+    capture,
+    get_backend,
+    remove_path,
+    tree_bytes,
+    tree_sha256,
+)
+from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
+from sora_export.core.memory import peak_rss_bytes, reset_peak_rss
+from sora_export.core.profiles import load_profile_file
+from sora_export.core.registry import Registry
+from sora_export.core.types import (
+    Artifact,
+    Chunk,
+    ChunkResult,
+    ComponentBuildContext,
+    DeviceProfile,
+    ExportPlan,
+    ExportRequest,
+    PlannedComponent,
+    RunResult,
+    TensorSpec,
+    Verification,
+)
+from sora_export.core.verify.metrics import compare
+
+FP16_MAX = 65504.0
+# An fp16 lowering is refused up front when a reference activation exceeds this share of the
+# fp16 range: intermediate sums and the on-device accumulation order add headroom needs.
+FP16_HEADROOM = 0.5
+BUNDLE_FORMAT = "sora-export-bundle"
+BUNDLE_VERSION = 1
+STAGES = ("build", "capture", "lower", "quantize", "save", "verify")
+
+
+def package_version() -> str:
+    try:
+        return version("sora-export")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"
+
+
+# -- events: the engine reports progress through a callback, never prints -------------------
+@attrs.frozen
+class Event:
+    kind: str  # "plan", "chunk-start", "stage", "chunk-done", "note"
+    chunk: str = ""
+    stage: str = ""
+    detail: str = ""
+    result: ChunkResult | None = None
+
+
+EventSink = Callable[[Event], None]
+
+
+def _ignore(_: Event) -> None:
+    return None
+
+
+# -- planning ----------------------------------------------------------------------------
+def resolve_profile(registry: Registry, name_or_path: str) -> DeviceProfile:
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        return load_profile_file(Path(name_or_path))
+    return registry.profile(name_or_path)
+
+
+def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
+    """Resolve everything the run needs; raise UsageError on any bad input. Writes nothing."""
+    if not request.plugins:
+        raise UsageError("no plugins selected; pass e.g. --plugins stdit (see --list-plugins)")
+    components, transforms = registry.resolve(request.plugins)
+    if not components:
+        raise UsageError(
+            "the selected plugins name no model component; add one, e.g. --plugins stdit"
+        )
+    profile = resolve_profile(registry, request.profile)
+    if request.size not in ("tiny", "full"):
+        raise UsageError(f"--size must be tiny or full, got {request.size!r}")
+    targets = request.targets or profile.targets
+    for t in targets:
+        if t not in ("coreml", "onnx"):
+            raise UsageError(f"unknown target {t!r}; use coreml or onnx")
+    weights = _canonical_weights(request, registry, {c.name for c in components})
+    active = registry.active_plugins(components, transforms)
+    planned = []
+    for spec in components:
+        ctx = ComponentBuildContext(
+            profile=profile,
+            size=request.size,
+            weights=weights.get(spec.name),
+            shape=profile.default_shape,
+            seed=request.seed,
+            policy=request.quantize or profile.quantization.for_chunk(spec.name, ""),
+        )
+        try:
+            description = spec.describe(ctx)
+        except SoraExportError:
+            raise
+        except Exception as exc:
+            raise PluginError(spec.plugin, "describe", f"{type(exc).__name__}: {exc}") from exc
+        pc = PlannedComponent(spec=spec, context=ctx, description=description, chunks=())
+        chunks = registry.call(
+            "sora_export_chunk_component", active, firstresult=True, component=pc
+        )
+        if chunks is None:
+            raise PluginError(
+                spec.plugin, "sora_export_chunk_component", f"no plugin chunks {spec.name!r}"
+            )
+        if not isinstance(chunks, list | tuple) or not all(isinstance(c, Chunk) for c in chunks):
+            raise PluginError(
+                spec.plugin,
+                "sora_export_chunk_component",
+                f"must return a list of Chunk, got {type(chunks).__name__}",
+            )
+        with_variants = []
+        for chunk in chunks:
+            extra: list[str] = []
+            for plugin, names_ in registry.call(
+                "sora_export_chunk_variants", active, chunk=chunk, profile=profile
+            ):
+                if not isinstance(names_, list | tuple) or not all(
+                    isinstance(n, str) for n in names_
+                ):
+                    raise PluginError(
+                        plugin, "sora_export_chunk_variants", "must return a list of names"
+                    )
+                extra += [n for n in names_ if n not in extra]
+            functions = ("plain", *extra) if extra else ("main",)
+            with_variants.append(attrs.evolve(chunk, functions=functions))
+        planned.append(attrs.evolve(pc, chunks=tuple(with_variants)))
+    verify = request.verify if request.verify is not None else request.size == "tiny"
+    return ExportPlan(
+        request=request,
+        profile=profile,
+        plugins=tuple(sorted(active)),
+        transforms=tuple(transforms),
+        components=tuple(planned),
+        targets=tuple(dict.fromkeys(targets)),
+        verify=verify,
+    )
+
+
+def _canonical_weights(
+    request: ExportRequest, registry: Registry, selected: set[str]
+) -> dict[str, Path]:
+    """Map ``--weights NAME=PATH`` (names or aliases) to selected component names."""
+    out = {}
+    for name, path in request.weights.items():
+        match = [c for c in registry.components.values() if name in (c.name, *c.aliases)]
+        if not match:
+            raise UsageError(
+                f"--weights {name}=...: unknown component; use one of "
+                f"{', '.join(sorted(registry.components))}"
+            )
+        if match[0].name not in selected:
+            raise UsageError(
+                f"--weights {name}=... names a component that is not selected; add it to --plugins"
+            )
+        out[match[0].name] = Path(path)
+    return out
+
+
+# -- bundle directory --------------------------------------------------------------------
+def staging_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def prepare_output(request: ExportRequest) -> Path:
+    """Check the output directory and return the staging directory to write into.
+
+    A directory that already holds anything is refused unless --force or --resume; the
+    existing bundle is untouched until a new one is complete.
+    """
+    out = request.output
+    stage = staging_dir(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} exists and is not a directory")
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not (request.force or request.resume):
+        what = "a bundle" if (out / "manifest.json").exists() else "files"
+        raise UsageError(
+            f"output directory {str(out)!r} already holds {what}; pass --force to replace it "
+            "(the old bundle stays until the new one is complete) or --resume to continue"
+        )
+    if stage.exists() and not request.resume:
+        remove_path(stage)
+    if request.resume and not stage.exists() and (out / "manifest.json").exists():
+        # resuming from a finished bundle: stage a hard-linked copy so its chunks are reused
+        # while the bundle itself stays intact until the new one is complete
+        shutil.copytree(out, stage, copy_function=_link_or_copy)
+    stage.mkdir(parents=True, exist_ok=True)
+    return stage
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# -- fingerprints for resume ------------------------------------------------------------
+def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) -> str:
+    comp = next(c for c in plan.components if c.spec.name == chunk.component)
+    weights = comp.context.weights
+    wstat = None
+    if weights is not None and weights.exists():
+        st = weights.stat()
+        wstat = [str(weights.resolve()), st.st_size, st.st_mtime_ns]
+    blob = json.dumps(
+        {
+            "version": package_version(),
+            "chunk": chunk.key,
+            "params": chunk.params,
+            "inputs": [s.to_json() for s in chunk.inputs],
+            "outputs": [s.to_json() for s in chunk.outputs],
+            "functions": list(chunk.functions),
+            "meta": _jsonable(chunk.meta),
+            "target": target,
+            "policy": policy,
+            "profile": plan.profile.to_json(),
+            "size": plan.request.size,
+            "seed": plan.request.seed,
+            "weights": wstat,
+            "plugins": list(plan.plugins),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# -- running one chunk -------------------------------------------------------------------
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _max_activation(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, float]:
+    """Run the fp32 reference once, recording the largest |activation| of every submodule."""
+    peak = [0.0]
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                peak[0] = max(peak[0], float(t.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, peak[0]
+
+
+def _outputs_dict(chunk: Chunk, out: Any) -> dict[str, np.ndarray]:
+    outs = out if isinstance(out, tuple | list) else (out,)
+    if len(outs) != len(chunk.outputs):
+        raise ExportError(
+            f"{chunk.key}: module returned {len(outs)} outputs, chunk declares "
+            f"{len(chunk.outputs)} ({', '.join(s.name for s in chunk.outputs)})"
+        )
+    return {s.name: o.detach().float().numpy() for s, o in zip(chunk.outputs, outs, strict=True)}
+
+
+def _inputs_dict(chunk: Chunk, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {s.name: t.detach().numpy() for s, t in zip(chunk.inputs, inputs, strict=True)}
+
+
+def _check_inputs(chunk: Chunk, inputs: tuple[torch.Tensor, ...]) -> None:
+    if len(inputs) != len(chunk.inputs):
+        raise ExportError(
+            f"{chunk.key}: example_inputs gave {len(inputs)} tensors, chunk declares "
+            f"{len(chunk.inputs)}"
+        )
+    for spec, t in zip(chunk.inputs, inputs, strict=True):
+        if tuple(t.shape) != tuple(spec.shape):
+            raise ExportError(
+                f"{chunk.key}: example input {spec.name!r} has shape {list(t.shape)}, "
+                f"spec says {list(spec.shape)}"
+            )
+
+
+@attrs.define
+class _Prepared:
+    """A chunk's modules per variant, captured programs and fp32 reference outputs."""
+
+    programs: dict[str, Any]
+    references: dict[str, dict[str, np.ndarray]]
+    inputs: dict[str, np.ndarray]
+    max_activation: float
+    reference_seconds: float
+
+
+def _prepare(
+    chunk: Chunk,
+    registry: Registry,
+    active: set[str],
+    profile: DeviceProfile,
+    timings: dict[str, float],
+    sink: EventSink,
+) -> _Prepared:
+    sink(Event("stage", chunk.key, "build"))
+    with _timed(timings, "build"):
+        base = chunk.build()
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        # contiguous: Core ML rejects captured inputs with a non-default dim order
+        inputs = tuple(t.contiguous() for t in chunk.example_inputs())
+        _check_inputs(chunk, inputs)
+    programs: dict[str, Any] = {}
+    references: dict[str, dict[str, np.ndarray]] = {}
+    max_act = 0.0
+    ref_seconds = 0.0
+    for i, variant in enumerate(chunk.functions):
+        last = i == len(chunk.functions) - 1
+        module = base if last else copy.deepcopy(base)  # in-place patches must not leak
+        for plugin, replacement in registry.call(
+            "sora_export_patch_module",
+            active,
+            chunk=chunk,
+            module=module,
+            variant=variant,
+            profile=profile,
+        ):
+            if not isinstance(replacement, torch.nn.Module):
+                raise PluginError(
+                    plugin,
+                    "sora_export_patch_module",
+                    f"must return None or an nn.Module, got {type(replacement).__name__}",
+                )
+            module = replacement
+        start = time.perf_counter()
+        out, act = _max_activation(module, inputs)
+        ref_seconds += time.perf_counter() - start
+        references[variant] = _outputs_dict(chunk, out)
+        max_act = max(max_act, act)
+        sink(Event("stage", chunk.key, "capture", variant))
+        with _timed(timings, "capture"):
+            try:
+                programs[variant] = capture(module, inputs)
+            except Exception as exc:
+                raise ExportError(
+                    f"{chunk.key}: torch.export failed for variant {variant!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        del module, out
+    del base
+    return _Prepared(programs, references, _inputs_dict(chunk, inputs), max_act, ref_seconds)
+
+
+def _lower_precision(policy: str) -> str:
+    return "fp32" if policy == "fp32" else "fp16"
+
+
+def _export_target(
+    chunk: Chunk,
+    prepared: _Prepared,
+    target: str,
+    policy: str,
+    plan: ExportPlan,
+    registry: Registry,
+    active: set[str],
+    stage_dir: Path,
+    timings: dict[str, float],
+    sink: EventSink,
+) -> tuple[Artifact, Verification | None, str, list[str]]:
+    """Lower, quantize, save and verify one chunk for one target.
+
+    Returns the artifact, its verification, the policy finally used and notes. An fp16
+    chunk whose reference activations would overflow fp16, or whose fp16 artifact fails
+    the fidelity gate, is lowered again in fp32, and the notes say why.
+    """
+    backend = get_backend(target)
+    notes: list[str] = []
+    if _lower_precision(policy) == "fp16" and prepared.max_activation > FP16_MAX * FP16_HEADROOM:
+        notes.append(
+            f"kept fp32: reference activation reaches {prepared.max_activation:.3g}, beyond "
+            f"{FP16_HEADROOM:.0%} of the fp16 range ({FP16_MAX:.0f}); fp16 would overflow"
+        )
+        policy = "fp32"
+    while True:
+        artifact, verification = _lower_save_verify(
+            chunk,
+            prepared,
+            target,
+            policy,
+            backend,
+            plan,
+            registry,
+            active,
+            stage_dir,
+            timings,
+            sink,
+        )
+        if (
+            verification is not None
+            and not verification.passed
+            and not verification.error
+            and policy == "fp16"
+            and plan.request.quantize is None
+        ):
+            notes.append(
+                f"fp16 failed the fidelity gate ({verification.psnr_db:.1f} dB < "
+                f"{verification.threshold_db:.0f} dB); fell back to fp32"
+            )
+            policy = "fp32"
+            continue
+        return artifact, verification, policy, notes
+
+
+def _lower_save_verify(
+    chunk: Chunk,
+    prepared: _Prepared,
+    target: str,
+    policy: str,
+    backend: Any,
+    plan: ExportPlan,
+    registry: Registry,
+    active: set[str],
+    stage_dir: Path,
+    timings: dict[str, float],
+    sink: EventSink,
+) -> tuple[Artifact, Verification | None]:
+    profile = plan.profile
+    sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
+    models: dict[str, Any] = {}
+    for variant, program in prepared.programs.items():
+        with _timed(timings, "lower"):
+            try:
+                model = backend.lower(program, chunk, profile, _lower_precision(policy))
+            except Exception as exc:
+                raise ExportError(
+                    f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        if policy not in ("fp32", "fp16"):
+            sink(Event("stage", chunk.key, "quantize", policy))
+            with _timed(timings, "quantize"):
+                quantized = registry.call(
+                    "sora_export_quantize",
+                    active,
+                    firstresult=True,
+                    artifact=model,
+                    policy=policy,
+                    chunk=chunk,
+                    target=target,
+                    profile=profile,
+                )
+            if quantized is None:
+                raise ExportError(
+                    f"{chunk.key}: no plugin quantizes {target} artifacts with policy {policy!r}"
+                )
+            model = quantized
+        models[variant] = model
+    sink(Event("stage", chunk.key, "save", target))
+    folder = stage_dir / chunk.component
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
+    # coremltools insists on the .mlpackage suffix, so the temp name keeps it
+    tmp = folder / f".tmp-{os.getpid()}-{final.name}"
+    remove_path(tmp)
+    with _timed(timings, "save"):
+        try:
+            functions = backend.save(models, tmp)
+            atomic_replace(tmp, final)
+        except OSError as exc:
+            remove_path(tmp)
+            raise ExportError(
+                f"{chunk.key}: cannot write {str(final)!r}: {exc.strerror or exc}"
+                + (" (disk full)" if getattr(exc, "errno", None) == 28 else "")
+            ) from exc
+        except BaseException:
+            remove_path(tmp)
+            raise
+    del models
+    artifact = Artifact(
+        target=target,
+        path=str(final.relative_to(stage_dir)),
+        bytes=tree_bytes(final),
+        sha256=tree_sha256(final),
+        functions=functions,
+    )
+    verification = None
+    if plan.verify:
+        sink(Event("stage", chunk.key, "verify", target))
+        with _timed(timings, "verify"):
+            verification = verify_artifact(
+                final,
+                target,
+                prepared.inputs,
+                prepared.references,
+                profile.threshold_for(policy),
+                prepared.reference_seconds,
+            )
+    return artifact, verification
+
+
+def verify_artifact(
+    path: Path,
+    target: str,
+    inputs: dict[str, np.ndarray],
+    references: dict[str, dict[str, np.ndarray]],
+    threshold_db: float,
+    reference_seconds: float = 0.0,
+) -> Verification:
+    """Run every function of a saved artifact and compare with the fp32 references."""
+    backend = get_backend(target)
+    worst: Verification | None = None
+    start = time.perf_counter()
+    for function, reference in references.items():
+        try:
+            actual = backend.run(path, inputs, function)
+            fid = compare(reference, actual)
+        except Exception as exc:
+            return Verification(
+                backend=backend.runner_name(),
+                psnr_db=-math.inf,
+                max_abs_err=math.inf,
+                finite=False,
+                threshold_db=threshold_db,
+                passed=False,
+                seconds=time.perf_counter() - start,
+                reference_seconds=reference_seconds,
+                error=f"function {function!r}: {type(exc).__name__}: {exc}",
+            )
+        passed = fid.finite and fid.psnr_db >= threshold_db
+        v = Verification(
+            backend=backend.runner_name(),
+            psnr_db=fid.psnr_db,
+            max_abs_err=fid.max_abs_err,
+            finite=fid.finite,
+            threshold_db=threshold_db,
+            passed=passed,
+            note="" if fid.finite else f"function {function!r} produced inf/NaN",
+        )
+        if worst is None or v.psnr_db < worst.psnr_db or not v.finite:
+            worst = v
+    assert worst is not None
+    return attrs.evolve(
+        worst, seconds=time.perf_counter() - start, reference_seconds=reference_seconds
+    )
+
+
+def export_chunk(
+    chunk: Chunk,
+    plan: ExportPlan,
+    registry: Registry,
+    active: set[str],
+    stage_dir: Path,
+    sink: EventSink = _ignore,
+) -> list[ChunkResult]:
+    """Export one chunk to every target of the plan; returns one result per target."""
+    reset_peak_rss()
+    timings: dict[str, float] = {}
+    policies = {t: _policy(plan, chunk) for t in plan.targets}
+    results: list[ChunkResult] = []
+    try:
+        prepared = _prepare(chunk, registry, active, plan.profile, timings, sink)
+    except SoraExportError as exc:
+        return [_failed(chunk, t, policies[t], timings, str(exc)) for t in plan.targets]
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        return [_failed(chunk, t, policies[t], timings, msg) for t in plan.targets]
+    for target in plan.targets:
+        t_timings = dict(timings)
+        try:
+            artifact, verification, used, notes = _export_target(
+                chunk,
+                prepared,
+                target,
+                policies[target],
+                plan,
+                registry,
+                active,
+                stage_dir,
+                t_timings,
+                sink,
+            )
+        except SoraExportError as exc:
+            results.append(_failed(chunk, target, policies[target], t_timings, str(exc)))
+            continue
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            results.append(_failed(chunk, target, policies[target], t_timings, msg))
+            continue
+        results.append(
+            ChunkResult(
+                chunk_key=chunk.key,
+                component=chunk.component,
+                name=chunk.name,
+                target=target,
+                artifact=artifact,
+                params=chunk.params,
+                quantization=used,
+                timings=t_timings,
+                peak_rss_bytes=peak_rss_bytes(),
+                verification=verification,
+                notes=tuple(notes),
+            )
+        )
+    del prepared
+    gc.collect()
+    return results
+
+
+def _policy(plan: ExportPlan, chunk: Chunk) -> str:
+    if plan.request.quantize is not None:
+        return plan.request.quantize
+    return plan.profile.quantization.for_chunk(chunk.component, chunk.name)
+
+
+def _failed(chunk: Chunk, target: str, policy: str, timings: dict, error: str) -> ChunkResult:
+    return ChunkResult(
+        chunk_key=chunk.key,
+        component=chunk.component,
+        name=chunk.name,
+        target=target,
+        artifact=None,
+        params=chunk.params,
+        quantization=policy,
+        timings=dict(timings),
+        peak_rss_bytes=peak_rss_bytes(),
+        error=error,
+    )
+
+
+# -- the whole run -----------------------------------------------------------------------
+PROGRESS_FILE = "progress.json"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM handled like Ctrl-C, so finally-blocks clean up the partial package."""
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunResult:
+    """Export every chunk into the staging directory, then package and publish the bundle.
+
+    Raises :class:`ExportError` when a chunk failed (the staging directory keeps finished
+    chunks for ``--resume``). KeyboardInterrupt/SIGTERM propagate after the partial chunk's
+    temp files are removed.
+    """
+    request = plan.request
+    stage = prepare_output(request)
+    progress_path = stage / PROGRESS_FILE
+    progress = _read_progress(progress_path) if request.resume else {}
+    active = set(plan.plugins)
+    start = time.perf_counter()
+    results: list[ChunkResult] = []
+    run_peak = 0
+    with _sigterm_as_exception():
+        for chunk in plan.chunks:
+            cached = _cached_results(plan, chunk, progress, stage)
+            if cached is not None:
+                results.extend(cached)
+                for r in cached:
+                    sink(Event("chunk-done", chunk.key, detail="cached", result=r))
+                continue
+            sink(Event("chunk-start", chunk.key))
+            chunk_results = export_chunk(chunk, plan, registry, active, stage, sink)
+            for r in chunk_results:
+                run_peak = max(run_peak, r.peak_rss_bytes)
+                sink(Event("chunk-done", chunk.key, result=r))
+                if r.ok and r.artifact is not None:
+                    fingerprint = chunk_fingerprint(plan, chunk, r.target, _policy(plan, chunk))
+                    progress[_progress_key(r)] = {
+                        "fingerprint": fingerprint,
+                        "result": result_to_json(r),
+                    }
+            results.extend(chunk_results)
+            _write_json(progress_path, progress)
+    seconds = time.perf_counter() - start
+    result = RunResult(
+        plan=plan,
+        bundle=request.output,
+        results=tuple(results),
+        seconds=seconds,
+        peak_rss_bytes=max(run_peak, peak_rss_bytes()),
+    )
+    package(plan, result, registry, stage)
+    if not result.ok:
+        raise ExportFailed(result, stage)
+    # publish: the old bundle (if --force/--resume) is replaced only now
+    (stage / PROGRESS_FILE).unlink(missing_ok=True)
+    if request.output.exists():
+        atomic_replace(stage, request.output)
+    else:
+        os.replace(stage, request.output)
+    return result
+
+
+class ExportFailed(ExportError):
+    """Some chunk failed; carries the run result so the CLI can still show the report."""
+
+    def __init__(self, result: RunResult, stage: Path) -> None:
+        self.result = result
+        self.stage = stage
+        failed = [r for r in result.results if not r.ok]
+        names = ", ".join(f"{r.chunk_key} ({r.target})" for r in failed[:5])
+        super().__init__(
+            f"{len(failed)} chunk(s) failed: {names}. Finished chunks are kept in "
+            f"{str(stage)!r}; fix the cause and rerun with --resume"
+        )
+
+
+def _progress_key(r: ChunkResult) -> str:
+    return f"{r.chunk_key}@{r.target}"
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _cached_results(
+    plan: ExportPlan, chunk: Chunk, progress: dict[str, Any], stage: Path
+) -> list[ChunkResult] | None:
+    """Results of a chunk finished by an earlier run, if its inputs and files are unchanged."""
+    out = []
+    for target in plan.targets:
+        entry = progress.get(f"{chunk.key}@{target}")
+        if entry is None:
+            return None
+        if entry.get("fingerprint") != chunk_fingerprint(plan, chunk, target, _policy(plan, chunk)):
+            return None
+        r = result_from_json(entry["result"])
+        if r.artifact is None:
+            return None
+        path = stage / r.artifact.path
+        if not path.exists() or tree_sha256(path) != r.artifact.sha256:
+            return None
+        out.append(attrs.evolve(r, cached=True))
+    return out
+
+
+# -- JSON forms --------------------------------------------------------------------------
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def result_to_json(r: ChunkResult) -> dict[str, Any]:
+    return {
+        "chunk": r.chunk_key,
+        "component": r.component,
+        "name": r.name,
+        "target": r.target,
+        "path": r.artifact.path if r.artifact else None,
+        "bytes": r.artifact.bytes if r.artifact else 0,
+        "sha256": r.artifact.sha256 if r.artifact else None,
+        "functions": list(r.artifact.functions) if r.artifact else [],
+        "params": r.params,
+        "quantization": r.quantization,
+        "timings": {k: round(v, 4) for k, v in r.timings.items()},
+        "peak_rss_bytes": r.peak_rss_bytes,
+        "verification": None
+        if r.verification is None
+        else {
+            **{k: v for k, v in attrs.asdict(r.verification).items()},
+            "psnr_db": _finite(r.verification.psnr_db),
+            "max_abs_err": _finite(r.verification.max_abs_err),
+        },
+        "error": r.error,
+        "notes": list(r.notes),
+        "cached": r.cached,
+        "ok": r.ok,
+    }
+
+
+def _num(x: Any) -> float:
+    return float(x)  # JSON keeps inf as the string "inf"/"-inf", which float() reads
+
+
+def result_from_json(d: dict[str, Any]) -> ChunkResult:
+    v = d.get("verification")
+    verification = None
+    if v is not None:
+        verification = Verification(
+            backend=v["backend"],
+            psnr_db=_num(v["psnr_db"]),
+            max_abs_err=_num(v["max_abs_err"]),
+            finite=v["finite"],
+            threshold_db=v["threshold_db"],
+            passed=v["passed"],
+            seconds=v.get("seconds", 0.0),
+            reference_seconds=v.get("reference_seconds", 0.0),
+            note=v.get("note", ""),
+            error=v.get("error", ""),
+        )
+    artifact = None
+    if d.get("path"):
+        artifact = Artifact(
+            target=d["target"],
+            path=d["path"],
+            bytes=d["bytes"],
+            sha256=d["sha256"],
+            functions=tuple(d.get("functions", ["main"])),
+        )
+    return ChunkResult(
+        chunk_key=d["chunk"],
+        component=d["component"],
+        name=d["name"],
+        target=d["target"],
+        artifact=artifact,
+        params=d["params"],
+        quantization=d["quantization"],
+        timings=d.get("timings", {}),
+        peak_rss_bytes=d.get("peak_rss_bytes", 0),
+        verification=verification,
+        error=d.get("error"),
+        notes=tuple(d.get("notes", ())),
+        cached=bool(d.get("cached", False)),
+    )
+
+
+def _tensor_json(spec: TensorSpec) -> dict[str, Any]:
+    return spec.to_json()
+
+
+def request_to_json(request: ExportRequest) -> dict[str, Any]:
+    """What ``sora-export verify`` needs to rebuild the PyTorch references of a bundle."""
+    return {
+        "plugins": list(request.plugins),
+        "profile": request.profile,
+        "size": request.size,
+        "seed": request.seed,
+        "weights": {k: str(Path(v).resolve()) for k, v in request.weights.items()},
+        "targets": list(request.targets),
+        "quantize": request.quantize,
+    }
+
+
+def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
+    by_chunk: dict[tuple[str, str], ChunkResult] = {
+        (r.chunk_key, r.target): r for r in result.results
+    }
+    components = []
+    for comp in plan.components:
+        for target in plan.targets:
+            chunks = []
+            for chunk in comp.chunks:
+                r = by_chunk.get((chunk.key, target))
+                chunks.append(
+                    {
+                        "name": chunk.name,
+                        "index": chunk.index,
+                        "path": r.artifact.path if r and r.artifact else None,
+                        "inputs": [_tensor_json(s) for s in chunk.inputs],
+                        "outputs": [_tensor_json(s) for s in chunk.outputs],
+                        "wiring": dict(chunk.wiring),
+                        "params": chunk.params,
+                        "bytes": r.artifact.bytes if r and r.artifact else 0,
+                        "sha256": r.artifact.sha256 if r and r.artifact else None,
+                        "functions": list(r.artifact.functions)
+                        if r and r.artifact
+                        else list(chunk.functions),
+                        "quantization": r.quantization if r else None,
+                        "meta": _jsonable(chunk.meta),
+                    }
+                )
+            components.append(
+                {
+                    "name": comp.spec.name,
+                    "target": target,
+                    "size": comp.context.size,
+                    "random_weights": comp.context.weights is None,
+                    "weights": str(comp.context.weights) if comp.context.weights else None,
+                    "chunks": chunks,
+                }
+            )
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "generator": f"sora-export {package_version()}",
+        "profile": plan.profile.to_json(),
+        "plugins": list(plan.plugins),
+        "transforms": [t.name for t in plan.transforms],
+        "pipeline": [c.spec.name for c in plan.components],
+        "request": request_to_json(plan.request),
+        "components": components,
+        "sampler": {},
+    }
+
+
+def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
+    total_bytes = sum(r.artifact.bytes for r in result.results if r.artifact)
+    return {
+        "format": "sora-export-report",
+        "version": BUNDLE_VERSION,
+        "ok": result.ok,
+        "total_seconds": round(result.seconds, 3),
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "total_bytes": total_bytes,
+        "memory_budget_bytes": plan.profile.memory_budget_bytes,
+        "per_chunk_budget_bytes": plan.profile.per_chunk_budget_bytes,
+        "profile": plan.profile.name,
+        "size": plan.request.size,
+        "random_weights": [c.spec.name for c in plan.components if c.context.weights is None],
+        "targets": list(plan.targets),
+        "verify": plan.verify,
+        "chunks": [result_to_json(r) for r in result.results],
+    }
+
+
+def package(plan: ExportPlan, result: RunResult, registry: Registry, stage: Path) -> None:
+    """Run the package hook and write manifest.json and report.json into ``stage``."""
+    manifest = build_manifest(plan, result)
+    contributed: dict[str, str] = {}
+    for plugin, sections in registry.call(
+        "sora_export_package", set(plan.plugins), plan=plan, result=result, bundle=stage
+    ):
+        if not isinstance(sections, dict):
+            raise PluginError(plugin, "sora_export_package", "must return a dict or None")
+        for key, value in sections.items():
+            if key in contributed:
+                raise PluginError(
+                    plugin,
+                    "sora_export_package",
+                    f"manifest section {key!r} is also written by plugin {contributed[key]!r}",
+                )
+            if key in manifest and key != "sampler":
+                raise PluginError(
+                    plugin, "sora_export_package", f"manifest key {key!r} is reserved"
+                )
+            contributed[key] = plugin
+            manifest[key] = value
+    _write_json(stage / "manifest.json", manifest)
+    _write_json(stage / "report.json", build_report(plan, result))
+
+
+def export(request: ExportRequest, registry: Registry, sink: EventSink = _ignore) -> RunResult:
+    """Plan and run an export request (the library entry point behind the CLI)."""
+    the_plan = plan(request, registry)
+    sink(Event("plan", detail=str(len(the_plan.chunks))))
+    return run(the_plan, registry, sink)
