@@ -47,9 +47,7 @@ class ArtifactCheck:
 
     @property
     def passed(self) -> bool:
-        return self.integrity == "ok" and (
-            self.verification is None or self.verification.passed
-        )
+        return self.integrity == "ok" and (self.verification is None or self.verification.passed)
 
 
 def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
@@ -83,8 +81,11 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
             rel = entry.get("path")
             path = bundle / rel if rel else None
             if path is None or not path.exists():
-                checks.append(ArtifactCheck(comp["name"], entry["name"], comp["target"],
-                                            str(rel), "missing", None))
+                checks.append(
+                    ArtifactCheck(
+                        comp["name"], entry["name"], comp["target"], str(rel), "missing", None
+                    )
+                )
                 continue
             integrity = "ok" if tree_sha256(path) == entry["sha256"] else "altered"
             verification = None
@@ -103,8 +104,9 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
                 )
                 verification = attrs.evolve(verification, seconds=time.perf_counter() - start)
             checks.append(
-                ArtifactCheck(comp["name"], entry["name"], comp["target"], rel, integrity,
-                              verification)
+                ArtifactCheck(
+                    comp["name"], entry["name"], comp["target"], rel, integrity, verification
+                )
             )
     return checks
 
@@ -121,7 +123,11 @@ def _references(chunk, registry, active, plan, timings):
     for variant in chunk.functions:
         m = module
         for _plugin, replacement in registry.call(
-            "sora_export_patch_module", active, chunk=chunk, module=m, variant=variant,
+            "sora_export_patch_module",
+            active,
+            chunk=chunk,
+            module=m,
+            variant=variant,
             profile=plan.profile,
         ):
             m = replacement
@@ -140,8 +146,11 @@ def _verify_main(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(prog="sora-export verify")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--integrity-only", action="store_true",
-                   help="check files and hashes only, without re-running PyTorch")
+    p.add_argument(
+        "--integrity-only",
+        action="store_true",
+        help="check files and hashes only, without re-running PyTorch",
+    )
     args = p.parse_args(argv)
     checks = verify_bundle(args.bundle, numeric=not args.integrity_only)
     table = Table(title=f"verify {args.bundle}", header_style="bold")

@@ -57,19 +57,37 @@ def export_parser() -> argparse.ArgumentParser:
         metavar="COMPONENT=PATH",
         help="checkpoint for a component (.safetensors, .pt/.pth/.bin, or a HF directory)",
     )
-    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                   help="config for components without --weights (random weights)")
-    p.add_argument("--target", action="append", choices=TARGETS, default=[],
-                   help="export target (repeatable); default from the profile")
+    p.add_argument(
+        "--size",
+        choices=("tiny", "full"),
+        default="tiny",
+        help="config for components without --weights (random weights)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=TARGETS,
+        default=[],
+        help="export target (repeatable); default from the profile",
+    )
     p.add_argument("--quantize", choices=QUANT_POLICIES, help="override the profile's policy")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="check every artifact against PyTorch (default: on for --size tiny)")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check every artifact against PyTorch (default: on for --size tiny)",
+    )
     p.add_argument("--jobs", type=_jobs_arg, default=1, help="chunks exported in parallel")
     p.add_argument("--resume", action="store_true", help="continue an interrupted export")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
-    p.add_argument("--plugin-module", action="append", default=[], metavar="MODULE",
-                   help="also load a plugin from this importable module (repeatable)")
+    p.add_argument(
+        "--plugin-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also load a plugin from this importable module (repeatable)",
+    )
     p.add_argument("--list-plugins", action="store_true")
     p.add_argument("--list-profiles", action="store_true")
     return p
@@ -105,8 +123,15 @@ def _list_profiles(registry) -> None:
     from sora_export.core.report import console, human_bytes
 
     table = Table(title="device profiles", header_style="bold")
-    for col in ("profile", "description", "targets", "deployment", "units", "chunk budget",
-                "shapes"):
+    for col in (
+        "profile",
+        "description",
+        "targets",
+        "deployment",
+        "units",
+        "chunk budget",
+        "shapes",
+    ):
         table.add_column(col)
     for name, prof in sorted(registry.profiles.items()):
         table.add_row(

@@ -29,8 +29,8 @@ _TOP_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "name": (str, True),
     "description": (str, False),
     "targets": (list, True),
-    "deployment_target": (str, True),
-    "compute_units": (str, True),
+    "deployment_target": (str, False),  # required when targets include coreml
+    "compute_units": (str, False),
     "memory_budget_bytes": (int, True),
     "activation_reserve_bytes": (int, True),
     "resident_chunks": (int, False),
@@ -110,15 +110,20 @@ def profile_from_mapping(data: Mapping[str, Any], source: str) -> DeviceProfile:
             raise UsageError(f"{source}: targets: unknown target {t!r}; use {', '.join(TARGETS)}")
     if not targets:
         raise UsageError(f"{source}: field 'targets' must name at least one target")
-    if data["compute_units"] not in COMPUTE_UNITS:
+    if "coreml" in targets:
+        for field in ("deployment_target", "compute_units"):
+            if field not in data:
+                raise UsageError(f"{source}: field {field!r} is required for the coreml target")
+    compute_units = data.get("compute_units", "CPU_ONLY")
+    deployment = data.get("deployment_target", "")
+    if compute_units not in COMPUTE_UNITS:
         raise UsageError(
-            f"{source}: field 'compute_units' = {data['compute_units']!r}; "
+            f"{source}: field 'compute_units' = {compute_units!r}; "
             f"use one of {', '.join(COMPUTE_UNITS)}"
         )
-    if not data["deployment_target"].startswith(_DEPLOYMENT_PREFIXES):
+    if deployment and not deployment.startswith(_DEPLOYMENT_PREFIXES):
         raise UsageError(
-            f"{source}: field 'deployment_target' = {data['deployment_target']!r}; "
-            "use e.g. iOS18 or macOS15"
+            f"{source}: field 'deployment_target' = {deployment!r}; use e.g. iOS18 or macOS15"
         )
     for field in ("memory_budget_bytes", "activation_reserve_bytes"):
         if data[field] <= 0:
@@ -191,8 +196,8 @@ def profile_from_mapping(data: Mapping[str, Any], source: str) -> DeviceProfile:
         name=data["name"],
         description=data.get("description", ""),
         targets=targets,
-        deployment_target=data["deployment_target"],
-        compute_units=data["compute_units"],
+        deployment_target=deployment,
+        compute_units=compute_units,
         memory_budget_bytes=data["memory_budget_bytes"],
         activation_reserve_bytes=data["activation_reserve_bytes"],
         resident_chunks=data.get("resident_chunks", 2),

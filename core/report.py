@@ -14,6 +14,7 @@ from rich.table import Table
 from sora_export.core.engine import STAGES, Event, EventSink
 from sora_export.core.types import ChunkResult, ExportPlan, RunResult
 
+
 def _console(stderr: bool) -> Console:
     # Piped output (CI logs, files) gets a width that fits the report table, not 80 columns.
     probe = Console(stderr=stderr)

@@ -31,7 +31,6 @@ compute in fp32 internally and round their result, so fp16 rounding *inside* a f
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 import weakref
@@ -63,7 +62,9 @@ class UnsupportedMILOp(Exception):
     def __init__(self, problems: Sequence[tuple[str, str, str]], function: str = "main"):
         self.problems: tuple[tuple[str, str, str], ...] = tuple(problems)
         self.function = function
-        lines = [f"  - {op_type} (op {op_name!r}): {reason}" for op_type, op_name, reason in problems]
+        lines = [
+            f"  - {op_type} (op {op_name!r}): {reason}" for op_type, op_name, reason in problems
+        ]
         kinds = ", ".join(sorted(self.op_types))
         super().__init__(
             f"the MIL interpreter cannot run {len(self.problems)} op(s) of function "
@@ -202,6 +203,7 @@ class _OpBinder:
     def __init__(self, op: Any, const_value: Callable[[Any], Any]):
         self.op = op
         self._const_value = const_value
+        self._defaults: dict[str, Any] | None = None
         self.tensor_vars: list[Any] = []
 
     @property
@@ -218,12 +220,20 @@ class _OpBinder:
         """Value (numpy array or python scalar/str) of a constant input, or ``default``."""
         var = self.op.inputs.get(name)
         if var is None:
+            # Absent optional inputs take the op definition's own default, where it has one.
+            if self._defaults is None:
+                self._defaults = dict(self.op.default_inputs().items())
+            value = self._defaults.get(name)
+            if value is not None:
+                return value
             if default is _MISSING:
                 raise _Unsupported(f"required input {name!r} is missing")
             return default
         value = self._const_value(var)
         if value is None:
-            raise _Unsupported(f"input {name!r} is computed at run time; only a constant is supported")
+            raise _Unsupported(
+                f"input {name!r} is computed at run time; only a constant is supported"
+            )
         return value
 
     def is_const(self, name: str) -> bool:
@@ -256,10 +266,12 @@ def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-# ---- elementwise ------------------------------------------------------------------------------
+# ---- elementwise -----------------------------------------------------------------------------
 
 
-def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[_OpBinder], _Kernel]:
+def _binary(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[_OpBinder], _Kernel]:
     def factory(op: _OpBinder) -> _Kernel:
         op.tensor("x")
         op.tensor("y")
@@ -370,38 +382,29 @@ def _gelu(op: _OpBinder) -> _Kernel:
     raise _Unsupported(f"gelu mode {mode!r}")
 
 
-@_kernel(
-    "leaky_relu",
-    "elu",
-    "thresholded_relu",
-    "clamped_relu",
-    "sigmoid_hard",
-    "linear_activation",
-    "scaled_tanh",
-)
+@_kernel("leaky_relu", "elu", "thresholded_relu")
 def _alpha_activation(op: _OpBinder) -> _Kernel:
-    kind = op.op_type
-    alpha = float(op.const("alpha", {"leaky_relu": 0.01, "thresholded_relu": 1.0}.get(kind, 1.0)))
-    beta = float(op.const("beta", 0.0)) if op.has("beta") else None
+    alpha = float(op.const("alpha"))
     op.tensor("x")
-    if kind == "leaky_relu":
+    if op.op_type == "leaky_relu":
         return lambda x: F.leaky_relu(_f(x), alpha)
-    if kind == "elu":
+    if op.op_type == "elu":
         return lambda x: F.elu(_f(x), alpha)
-    if kind == "thresholded_relu":
-        return lambda x: torch.where(_f(x) > alpha, _f(x), 0.0)
-    assert beta is not None or kind in ("sigmoid_hard", "scaled_tanh", "linear_activation")
-    b = 0.0 if beta is None else beta
-    if kind == "clamped_relu":
-        return lambda x: torch.minimum(torch.where(_f(x) >= 0, _f(x), alpha * _f(x)), torch.tensor(b))
-    if kind == "sigmoid_hard":
-        b = 0.5 if beta is None else beta
-        a = 0.2 if not op.has("alpha") else alpha
-        return lambda x: torch.clamp(a * _f(x) + b, 0.0, 1.0)
-    if kind == "linear_activation":
-        return lambda x: alpha * _f(x) + b
-    b = 1.0 if beta is None else beta
-    return lambda x: alpha * torch.tanh(b * _f(x))
+    return lambda x: torch.where(_f(x) > alpha, _f(x), 0.0)
+
+
+@_kernel("clamped_relu", "sigmoid_hard", "linear_activation", "scaled_tanh")
+def _alpha_beta_activation(op: _OpBinder) -> _Kernel:
+    alpha = float(op.const("alpha"))
+    beta = float(op.const("beta"))
+    op.tensor("x")
+    if op.op_type == "clamped_relu":
+        return lambda x: torch.clamp(torch.where(_f(x) >= 0, _f(x), alpha * _f(x)), max=beta)
+    if op.op_type == "sigmoid_hard":
+        return lambda x: torch.clamp(alpha * _f(x) + beta, 0.0, 1.0)
+    if op.op_type == "linear_activation":
+        return lambda x: alpha * _f(x) + beta
+    return lambda x: alpha * torch.tanh(beta * _f(x))
 
 
 @_kernel("prelu")
@@ -487,7 +490,7 @@ def _shape(op: _OpBinder) -> _Kernel:
     return lambda x: torch.tensor(list(x.shape), dtype=torch.int32)
 
 
-# ---- linear algebra -----------------------------------------------------------------------------
+# ---- linear algebra --------------------------------------------------------------------------
 
 
 @_kernel("linear")
@@ -544,7 +547,7 @@ def _sdpa(op: _OpBinder) -> _Kernel:
     return lambda q, k, v: F.scaled_dot_product_attention(_f(q), _f(k), _f(v))
 
 
-# ---- convolution ---------------------------------------------------------------------------------
+# ---- convolution -----------------------------------------------------------------------------
 
 
 def _conv_padding(
@@ -616,7 +619,7 @@ def _conv(op: _OpBinder) -> _Kernel:
     return conv
 
 
-# ---- normalisation ---------------------------------------------------------------------------------
+# ---- normalisation ---------------------------------------------------------------------------
 
 
 @_kernel("layer_norm")
@@ -701,7 +704,7 @@ def _batch_norm(op: _OpBinder) -> _Kernel:
     return batch_norm
 
 
-# ---- reductions -------------------------------------------------------------------------------------
+# ---- reductions ------------------------------------------------------------------------------
 
 
 def _reduce_factory(reduce: Callable[[torch.Tensor, list[int], bool], torch.Tensor]) -> Any:
@@ -717,9 +720,10 @@ def _reduce_factory(reduce: Callable[[torch.Tensor, list[int], bool], torch.Tens
 
 
 def _reduce_prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
+    # torch.prod takes one dim; going from the last axis keeps the others' indices valid.
     for a in sorted(axes, reverse=True):
         x = torch.prod(x, dim=a, keepdim=keep)
-    return x if keep or not axes else x
+    return x
 
 
 for _name, _reduce in {
@@ -746,7 +750,7 @@ def _reduce_arg(op: _OpBinder) -> _Kernel:
     return lambda x: fn(_f(x), dim=axis, keepdim=keep).to(torch.int32)
 
 
-# ---- tensor layout --------------------------------------------------------------------------------
+# ---- tensor layout ---------------------------------------------------------------------------
 
 
 def _reshape_target(shape: Sequence[int], x_shape: Sequence[int]) -> list[int]:
@@ -971,12 +975,12 @@ def _gather(op: _OpBinder) -> _Kernel:
         after = list(x.shape[a + 1 :])
         picked = picked.reshape(nb, *n_shape, *before, *after)
         nn_, nbf = len(n_shape), len(before)
-        perm = (
-            [0]
-            + list(range(1 + nn_, 1 + nn_ + nbf))
-            + list(range(1, 1 + nn_))
-            + list(range(1 + nn_ + nbf, picked.dim()))
-        )
+        perm = [
+            0,
+            *range(1 + nn_, 1 + nn_ + nbf),
+            *range(1, 1 + nn_),
+            *range(1 + nn_ + nbf, picked.dim()),
+        ]
         return picked.permute(perm).reshape(*batch, *before, *n_shape, *after)
 
     return gather
@@ -1016,7 +1020,7 @@ def _upsample_nearest(op: _OpBinder) -> _Kernel:
 
     def upsample(x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        size = (int(math.floor(h * sh)), int(math.floor(w * sw)))
+        size = (math.floor(h * sh), math.floor(w * sw))
         y = F.interpolate(_f(x).reshape(1, -1, h, w), size=size, mode="nearest")
         return y.reshape(*x.shape[:-2], *size)
 
@@ -1045,7 +1049,7 @@ def _pixel_shuffle(op: _OpBinder) -> _Kernel:
     return lambda x: fn(x, factor)
 
 
-# ---- weight decompression (evaluated once, at load) -----------------------------------------------
+# ---- weight decompression (evaluated once, at load) ------------------------------------------
 
 
 def _blockwise_repeat(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -1158,7 +1162,9 @@ def _load_program(package: Path) -> tuple[Any, Any, Path]:
     model = ct.models.MLModel(str(package), skip_model_load=True)
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{package} is not an ML Program (neural-network models are not supported)")
+        raise ValueError(
+            f"{package} is not an ML Program (neural-network models are not supported)"
+        )
     weights_dir = package / "Data" / "com.apple.CoreML" / "weights"
     weights = getattr(model, "weights_dir", None)
     if weights:
@@ -1183,29 +1189,30 @@ def _constant_keys(spec: Any, function: str) -> dict[str, tuple[Any, ...]]:
             return ("blob", blob.fileName, blob.offset, value.type.SerializeToString())
         return ("immediate", value.SerializeToString())
 
+    def constexpr_key(op: Any) -> tuple[Any, ...] | None:
+        parts: list[tuple[Any, ...]] = []
+        for param in sorted(op.inputs):
+            for argument in op.inputs[param].arguments:
+                if argument.WhichOneof("binding") == "name":
+                    known = keys.get(argument.name)
+                    if known is None:
+                        return None
+                    parts.append((param, known))
+                else:
+                    parts.append((param, value_key(argument.value)))
+        for attr in sorted(op.attributes):
+            if attr != "name":
+                parts.append((attr, value_key(op.attributes[attr])))
+        return (op.type, tuple(parts), tuple(o.type.SerializeToString() for o in op.outputs))
+
     for op in block.operations:
         if op.type == "const":
             keys[op.outputs[0].name] = value_key(op.attributes["val"])
         elif op.type.startswith("constexpr_"):
-            parts: list[tuple[Any, ...]] = []
-            for param in sorted(op.inputs):
-                for argument in op.inputs[param].arguments:
-                    if argument.WhichOneof("binding") == "name":
-                        if argument.name not in keys:
-                            break
-                        parts.append((param, keys[argument.name]))
-                    else:
-                        parts.append((param, value_key(argument.value)))
-                else:
-                    continue
-                break
-            else:
-                for attr in sorted(op.attributes):
-                    if attr != "name":
-                        parts.append((attr, value_key(op.attributes[attr])))
-                outputs = tuple(o.type.SerializeToString() for o in op.outputs)
+            key = constexpr_key(op)
+            if key is not None:
                 for index, output in enumerate(op.outputs):
-                    keys[output.name] = (op.type, tuple(parts), outputs, index)
+                    keys[output.name] = (*key, index)
     return keys
 
 
@@ -1218,9 +1225,8 @@ _SHARED_CONSTANTS: weakref.WeakValueDictionary[tuple[Any, ...], torch.Tensor] = 
 
 def _package_identity(weights_dir: Path) -> tuple[Any, ...]:
     files = sorted(weights_dir.glob("*")) if weights_dir.is_dir() else []
-    return (str(weights_dir.resolve()),) + tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files
-    )
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return (str(weights_dir.resolve()), *stats)
 
 
 @attrs.frozen
@@ -1445,7 +1451,9 @@ class MILInterpreter:
             step = _Step(kernel, args, outs, out_dtypes, (), op.op_type, op.name)
             steps.append((step, op))
 
-        self._output_slots = [slots[var.name] if var.name in slots else -1 for var in fn.outputs]
+        self._output_slots = [
+            slots.get(var.name, -1) if var.name in failed else slot_of(var) for var in fn.outputs
+        ]
         self._base_env = base_env
         self._steps = self._with_releases([s for s, _ in steps], constant_slots)
 
@@ -1453,6 +1461,9 @@ class MILInterpreter:
     def _unsupported_reason(op: Any, failed: set[str]) -> str | None:
         if op.op_type not in _KERNELS:
             return "the interpreter has no kernel for this op type"
+        for out in op.outputs:
+            if _mil_dtype(out) not in _TORCH_DTYPE:
+                return f"output dtype {_mil_dtype(out)} is not supported"
         if getattr(op, "blocks", None):
             return "ops with nested blocks (control flow) are not supported"
         for value in op.inputs.values():
