@@ -56,14 +56,13 @@ class _SafetensorsFile:
 class _TorchFile:
     def __init__(self, path: Path) -> None:
         try:
-            obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise UsageError(
-                    f"weights file {str(path)!r} is not a readable torch checkpoint "
-                    f"(truncated or corrupt?): {exc}"
-                ) from exc
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+            try:
+                obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # legacy (non-zip) torch files cannot be memory-mapped
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UsageError(
                 f"weights file {str(path)!r} is not a readable torch checkpoint "

@@ -1049,6 +1049,35 @@ def _pixel_shuffle(op: _OpBinder) -> _Kernel:
     return lambda x: fn(x, factor)
 
 
+@_kernel("reverse")
+def _reverse(op: _OpBinder) -> _Kernel:
+    axes = op.ints("axes", None)
+    op.tensor("x")
+    if axes is None:
+        return lambda x: torch.flip(x, dims=tuple(range(x.dim())))
+    dims = tuple(axes)
+    return lambda x: torch.flip(x, dims=dims)
+
+
+@_kernel("cumsum")
+def _cumsum(op: _OpBinder) -> _Kernel:
+    axis = int(op.const("axis", 0))
+    exclusive = bool(op.const("exclusive", False))
+    reverse = bool(op.const("reverse", False))
+    op.tensor("x")
+
+    def cumsum(x: torch.Tensor) -> torch.Tensor:
+        x = _f(x)
+        if reverse:
+            x = torch.flip(x, dims=(axis,))
+        y = torch.cumsum(x, dim=axis)
+        if exclusive:
+            y = y - x
+        return torch.flip(y, dims=(axis,)) if reverse else y
+
+    return cumsum
+
+
 # ---- weight decompression (evaluated once, at load) ------------------------------------------
 
 
@@ -1060,22 +1089,57 @@ def _blockwise_repeat(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return t
 
 
+def _decode_shift_scale(
+    data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * (data - offset)`` with scale/offset constant over blocks of ``data``.
+
+    The block size along each axis is ``data.shape[i] // scale.shape[i]``. Computed in fp32:
+    integer data and fp16 scales multiply exactly there, so rounding the result to fp16
+    afterwards equals computing in fp16.
+    """
+    values = data.to(torch.float32)
+    if offset is not None:
+        values = values - _blockwise_repeat(offset.to(torch.float32), data.shape)
+    return values * _blockwise_repeat(_f(scale), data.shape)
+
+
+def _decode_lut(
+    indices: torch.Tensor, lut: torch.Tensor, vector_axis: int | None = None
+) -> torch.Tensor:
+    """Dense tensor from palette ``indices`` and ``lut`` (iOS18 ``constexpr_lut_to_dense``).
+
+    ``lut`` has shape ``(*blocks, palettes, vector)`` with ``blocks[i]`` dividing
+    ``indices.shape[i]``: every index picks an entry of the palette of its block. With a
+    vector size above 1 the picked vectors are laid out contiguously along ``vector_axis``.
+    """
+    rank = indices.dim()
+    block_counts = lut.shape[:rank]
+    palettes, vector = lut.shape[rank], lut.shape[rank + 1]
+    # Flat block number of every element, built by broadcasting (no per-element loop).
+    block_id = torch.zeros((), dtype=torch.long)
+    for axis in range(rank):
+        size, count = indices.shape[axis], block_counts[axis]
+        view = [1] * rank
+        view[axis] = size
+        block_id = block_id * count + (torch.arange(size) // (size // count)).reshape(view)
+    flat_lut = lut.reshape(-1, palettes, vector)
+    picked = flat_lut[block_id.expand(indices.shape), indices.to(torch.long)]  # (*idx, vector)
+    if vector == 1:
+        return picked.squeeze(-1)
+    if vector_axis is None:
+        raise ValueError("vector palettization needs vector_axis")
+    a = _axis(int(vector_axis), rank)
+    return picked.movedim(-1, a + 1).flatten(a, a + 1)
+
+
 @_kernel("constexpr_blockwise_shift_scale")
 def _blockwise_shift_scale(op: _OpBinder) -> _Kernel:
-    has_offset = op.has("offset")
     op.tensor("data")
     op.tensor("scale")
-    if has_offset:
+    if op.has("offset"):
         op.tensor("offset")
-
-    def decode(data: torch.Tensor, scale: torch.Tensor, *offset: torch.Tensor) -> torch.Tensor:
-        # output = scale * (data - offset), scale/offset constant over blocks of data.
-        values = data.to(torch.float32)
-        if offset:
-            values = values - _blockwise_repeat(offset[0].to(torch.float32), data.shape)
-        return values * _blockwise_repeat(_f(scale), data.shape)
-
-    return decode
+    return _decode_shift_scale
 
 
 @_kernel("constexpr_lut_to_dense")
@@ -1083,30 +1147,10 @@ def _lut_to_dense(op: _OpBinder) -> _Kernel:
     if op.has("shape"):
         raise _Unsupported("iOS16 form of constexpr_lut_to_dense (flat packed indices)")
     vector_axis = op.const("vector_axis", None)
+    axis = None if vector_axis is None else int(vector_axis)
     op.tensor("indices")
     op.tensor("lut")
-
-    def decode(indices: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-        # lut: (*blocks, palettes, vector); each index picks a palette entry of its block.
-        rank = indices.dim()
-        block_counts = lut.shape[:rank]
-        palettes, vector = lut.shape[rank], lut.shape[rank + 1]
-        block_id = torch.zeros((), dtype=torch.long)
-        for axis in range(rank):
-            size, count = indices.shape[axis], block_counts[axis]
-            coord = torch.arange(size) // (size // count)
-            view = [1] * rank
-            view[axis] = size
-            block_id = block_id * count + coord.reshape(view)
-        flat_lut = lut.reshape(-1, palettes, vector)
-        out = flat_lut[block_id.expand(indices.shape), indices.to(torch.long)]  # (*idx, vector)
-        if vector == 1:
-            return out.squeeze(-1)
-        a = _axis(int(vector_axis), rank)
-        out = out.movedim(-1, a + 1)
-        return out.flatten(a, a + 1)
-
-    return decode
+    return lambda indices, lut: _decode_lut(indices, lut, axis)
 
 
 @_kernel("constexpr_affine_dequantize")
@@ -1238,6 +1282,7 @@ class _Step:
     release: tuple[int, ...]
     op_type: str
     op_name: str
+    out_shapes: tuple[tuple[int | None, ...], ...]
 
 
 class MILInterpreter:
@@ -1308,11 +1353,15 @@ class MILInterpreter:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], *, check_shapes: bool = False
+    ) -> dict[str, np.ndarray]:
         """Execute the function; returns ``{output name: array in the declared dtype}``.
 
         Every declared input must be given (extra names are an error); values are cast to
         the declared input dtype and checked against the declared (static) dimensions.
+        Outputs are checked against their declared static dimensions; with
+        ``check_shapes=True`` every op's outputs are (a debugging aid for the interpreter).
         """
         self.check_supported()
         env = list(self._base_env)
@@ -1325,10 +1374,7 @@ class MILInterpreter:
             )
         for input_spec, slot in zip(self._inputs, self._input_slots, strict=True):
             array = np.asarray(inputs[input_spec.name])
-            if array.ndim != len(input_spec.shape) or any(
-                want is not None and want != got
-                for want, got in zip(input_spec.shape, array.shape, strict=True)
-            ):
+            if not _shape_matches(array.shape, input_spec.shape):
                 raise ValueError(
                     f"input {input_spec.name!r} has shape {array.shape}, "
                     f"the program declares {input_spec.shape}"
@@ -1345,12 +1391,27 @@ class MILInterpreter:
                     result = (result,)
                 for slot, value, dtype in zip(step.outs, result, step.out_dtypes, strict=True):
                     env[slot] = value if value.dtype == dtype else value.to(dtype)
+                if check_shapes:
+                    for slot, shape in zip(step.outs, step.out_shapes, strict=True):
+                        self._check_shape(step.op_type, step.op_name, env[slot].shape, shape)
                 for slot in step.release:
                     env[slot] = None
-        return {
-            spec.name: _to_numpy(env[slot], spec.dtype)
-            for spec, slot in zip(self._outputs, self._output_slots, strict=True)
-        }
+        outputs = {}
+        for output_spec, slot in zip(self._outputs, self._output_slots, strict=True):
+            value = env[slot]
+            self._check_shape("output", output_spec.name, value.shape, output_spec.shape)
+            outputs[output_spec.name] = _to_numpy(value, output_spec.dtype)
+        return outputs
+
+    @staticmethod
+    def _check_shape(
+        op_type: str, op_name: str, got: Sequence[int], declared: Sequence[int | None]
+    ) -> None:
+        if not _shape_matches(got, declared):
+            raise RuntimeError(
+                f"MIL interpreter bug: {op_type} {op_name!r} produced shape {tuple(got)}, "
+                f"the program declares {tuple(declared)}"
+            )
 
     # ---- plan building ----------------------------------------------------------------------
 
@@ -1448,7 +1509,8 @@ class MILInterpreter:
                     new_slot(out.name, value, constant=True)
                 continue
             outs = tuple(new_slot(out.name) for out in op.outputs)
-            step = _Step(kernel, args, outs, out_dtypes, (), op.op_type, op.name)
+            out_shapes = tuple(self._static_shape(out) for out in op.outputs)
+            step = _Step(kernel, args, outs, out_dtypes, (), op.op_type, op.name, out_shapes)
             steps.append((step, op))
 
         self._output_slots = [
@@ -1523,6 +1585,12 @@ def _to_torch_input(array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     elif converted.dtype == np.uint32:
         converted = converted.astype(np.int64)
     return torch.from_numpy(converted.copy() if not converted.flags.writeable else converted)
+
+
+def _shape_matches(got: Sequence[int], declared: Sequence[int | None]) -> bool:
+    return len(got) == len(declared) and all(
+        want is None or want == have for want, have in zip(declared, got, strict=True)
+    )
 
 
 def _to_numpy(value: torch.Tensor, dtype: np.dtype) -> np.ndarray:
