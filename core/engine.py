@@ -172,6 +172,39 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
     )
 
 
+def dataflow(plan: ExportPlan) -> list[dict[str, str]]:
+    """Edges between components of the bundle, from ``ComponentSpec.links``.
+
+    Each edge names the producing chunk output (the last chunk of the producer that outputs
+    it), every chunk input it feeds, and the transform a runtime applies in between.
+    """
+    producers: dict[str, dict[str, str]] = {}
+    for comp in plan.components:
+        for chunk in comp.chunks:
+            for source in chunk.wiring.values():  # a component's pipeline inputs
+                if source.startswith("pipeline:"):
+                    producers.setdefault(comp.spec.name, {})[source[9:]] = source
+            for spec in chunk.outputs:
+                producers.setdefault(comp.spec.name, {})[spec.name] = f"{chunk.key}:{spec.name}"
+    edges = []
+    for comp in plan.components:
+        for chunk in comp.chunks:
+            for name, source in chunk.wiring.items():
+                link = comp.spec.links.get(source.removeprefix("pipeline:"))
+                if not source.startswith("pipeline:") or link is None:
+                    continue
+                producer, _, output = link.source.partition(":")
+                if output in producers.get(producer, {}):
+                    edges.append(
+                        {
+                            "from": producers[producer][output],
+                            "to": f"{chunk.key}:{name}",
+                            "transform": link.transform,
+                        }
+                    )
+    return edges
+
+
 def _canonical_weights(
     request: ExportRequest, registry: Registry, selected: set[str]
 ) -> dict[str, Path]:
@@ -953,6 +986,7 @@ def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
         "pipeline": [c.spec.name for c in plan.components],
         "request": request_to_json(plan.request),
         "components": components,
+        "dataflow": dataflow(plan),
         "sampler": {},
     }
 

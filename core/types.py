@@ -224,6 +224,18 @@ class ComponentBuildContext:
 
 
 @attrs.frozen
+class PipelineLink:
+    """Where a component's pipeline input comes from inside a bundle.
+
+    ``source`` is ``"COMPONENT:OUTPUT"``; ``transform`` says in words what a runtime does
+    between the two (empty when the tensor passes unchanged).
+    """
+
+    source: str
+    transform: str = ""
+
+
+@attrs.frozen
 class ComponentSpec:
     """A model component a plugin registers (e.g. ``stdit3``).
 
@@ -239,6 +251,9 @@ class ComponentSpec:
     describe: Callable[[ComponentBuildContext], Any]
     aliases: tuple[str, ...] = ()
     plugin: str = ""
+    # pipeline input -> the earlier component output that feeds it when both are in one
+    # bundle (e.g. stdit3's "y" <- t5's "y"); listed in the manifest's "dataflow"
+    links: Mapping[str, PipelineLink] = attrs.field(factory=dict)
 
 
 @attrs.frozen

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
 from sora_export.core.checkpoint import CheckpointReader
@@ -21,12 +23,15 @@ from sora_export.core.types import (
     Chunk,
     ComponentBuildContext,
     ComponentSpec,
+    ExportPlan,
     ExportShape,
+    PipelineLink,
     PlannedComponent,
+    RunResult,
     TensorSpec,
     bytes_per_param,
 )
-from sora_export.core.weights import WeightSource
+from sora_export.core.weights import WeightSource, open_checkpoint, seeded_value
 from sora_export.plugins.stdit3.model import (
     OPTIONAL_KEYS,
     STDIT3_CONFIGS,
@@ -258,6 +263,16 @@ def sora_export_register_components(register: Callable[[ComponentSpec], None]) -
             order=20,
             describe=describe,
             aliases=("stdit",),
+            links={
+                "y": PipelineLink(
+                    "t5:y",
+                    "guidance batch: stack [y, null caption (stdit3/null_caption.npy)] "
+                    "on axis 0 and add axis 1 -> [2, 1, L, C]",
+                ),
+                "mask": PipelineLink(
+                    "t5:attention_mask", "guidance batch: the text mask twice -> [2, L]"
+                ),
+            },
         )
     )
 
@@ -269,3 +284,41 @@ def sora_export_chunk_component(component: PlannedComponent) -> list[Chunk] | No
     desc: STDiT3Description = component.description
     ctx = component.context
     return plan_chunks(desc, ctx.profile.per_chunk_budget_bytes, ctx.policy, ctx.seed)
+
+
+NULL_CAPTION_KEY = "y_embedder.y_embedding"
+
+
+def null_caption(desc: STDiT3Description) -> torch.Tensor:
+    """The null caption ``[L, caption_channels]`` used for classifier-free guidance.
+
+    torch.export drops this buffer from the input chunk (the forward never reads it), so a
+    runtime gets it as a file beside the chunks instead.
+    """
+    source = desc.weights
+    if source.is_random:
+        shape = (desc.cfg.model_max_length, desc.cfg.caption_channels)
+        return seeded_value(NULL_CAPTION_KEY, shape, source.seed)
+    return open_checkpoint(source.path).get(source.prefix + NULL_CAPTION_KEY)
+
+
+@hookimpl
+def sora_export_package(plan: ExportPlan, result: RunResult, bundle: Path) -> dict[str, Any] | None:
+    component = next((c for c in plan.components if c.spec.name == NAME), None)
+    if component is None:
+        return None
+    caption = null_caption(component.description).to(torch.float32).numpy()
+    folder = bundle / NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "null_caption.npy", caption)
+    return {
+        NAME: {
+            "null_caption": {
+                "path": f"{NAME}/null_caption.npy",
+                "shape": list(caption.shape),
+                "dtype": "float32",
+            },
+            "cfg_batch": CFG_BATCH,
+            "keep_channels": component.description.cfg.in_channels,
+        }
+    }
