@@ -38,7 +38,7 @@ from sora_export.core.backends import (
     tree_sha256,
 )
 from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
-from sora_export.core.memory import peak_rss_bytes, reset_peak_rss
+from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
 from sora_export.core.profiles import load_profile_file
 from sora_export.core.registry import Registry
 from sora_export.core.types import (
@@ -408,6 +408,8 @@ def _prepare(
             module = replacement
         start = time.perf_counter()
         out, act = _max_activation(module, inputs)
+        # the chunk's inputs count too: an fp16 package would receive them rounded to fp16
+        act = max([act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())])
         ref_seconds += time.perf_counter() - start
         references[variant] = _outputs_dict(chunk, out)
         max_act = max(max_act, act)
@@ -451,8 +453,9 @@ def _export_target(
     notes: list[str] = []
     if _lower_precision(policy) == "fp16" and prepared.max_activation > FP16_MAX * FP16_HEADROOM:
         notes.append(
-            f"kept fp32: reference activation reaches {prepared.max_activation:.3g}, beyond "
-            f"{FP16_HEADROOM:.0%} of the fp16 range ({FP16_MAX:.0f}); fp16 would overflow"
+            f"kept fp32: an input or reference activation reaches "
+            f"{prepared.max_activation:.3g}, beyond {FP16_HEADROOM:.0%} of the fp16 range "
+            f"({FP16_MAX:.0f}); fp16 would overflow"
         )
         policy = "fp32"
     while True:
@@ -739,16 +742,21 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
     start = time.perf_counter()
     results: list[ChunkResult] = []
     run_peak = 0
-    with _sigterm_as_exception():
-        for chunk in plan.chunks:
-            cached = _cached_results(plan, chunk, progress, stage)
-            if cached is not None:
-                results.extend(cached)
-                for r in cached:
-                    sink(Event("chunk-done", chunk.key, detail="cached", result=r))
-                continue
-            sink(Event("chunk-start", chunk.key))
-            chunk_results = export_chunk(chunk, plan, registry, active, stage, sink)
+    pending = []
+    for chunk in plan.chunks:
+        cached = _cached_results(plan, chunk, progress, stage)
+        if cached is None:
+            pending.append(chunk)
+            continue
+        results.extend(cached)
+        for r in cached:
+            sink(Event("chunk-done", chunk.key, detail="cached", result=r))
+    with _sigterm_as_exception(), TreePeakSampler() as sampler:
+        if request.jobs > 1 and len(pending) > 1:
+            finished = _run_parallel(plan, registry, pending, stage, request.jobs, sink)
+        else:
+            finished = _run_serial(plan, registry, active, pending, stage, sink)
+        for chunk, chunk_results in finished:
             for r in chunk_results:
                 run_peak = max(run_peak, r.peak_rss_bytes)
                 sink(Event("chunk-done", chunk.key, result=r))
@@ -760,13 +768,15 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
                     }
             results.extend(chunk_results)
             _write_json(progress_path, progress)
+    order = {c.key: i for i, c in enumerate(plan.chunks)}
+    results.sort(key=lambda r: (order[r.chunk_key], plan.targets.index(r.target)))
     seconds = time.perf_counter() - start
     result = RunResult(
         plan=plan,
         bundle=request.output,
         results=tuple(results),
         seconds=seconds,
-        peak_rss_bytes=max(run_peak, peak_rss_bytes()),
+        peak_rss_bytes=max(run_peak, sampler.peak),
     )
     package(plan, result, registry, stage)
     if not result.ok:
@@ -778,6 +788,111 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
     else:
         os.replace(stage, request.output)
     return result
+
+
+def _run_serial(
+    plan: ExportPlan,
+    registry: Registry,
+    active: set[str],
+    chunks: list[Chunk],
+    stage: Path,
+    sink: EventSink,
+) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
+    for chunk in chunks:
+        sink(Event("chunk-start", chunk.key))
+        yield chunk, export_chunk(chunk, plan, registry, active, stage, sink)
+
+
+_WORKER_REGISTRY: Registry | None = None
+
+
+def _worker_init(extra_modules: tuple[str, ...]) -> None:
+    """Worker start-up: discover the same plugins as the parent; quiet warnings."""
+    import warnings
+
+    global _WORKER_REGISTRY
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # N workers share the cores; no oversubscription
+    _WORKER_REGISTRY = Registry.discover(extra_modules)
+
+
+def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResult]:
+    assert _WORKER_REGISTRY is not None
+    chunk = plan.chunks[index]
+    return export_chunk(chunk, plan, _WORKER_REGISTRY, set(plan.plugins), stage)
+
+
+def _run_parallel(
+    plan: ExportPlan,
+    registry: Registry,
+    chunks: list[Chunk],
+    stage: Path,
+    jobs: int,
+    sink: EventSink,
+) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
+    """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix).
+
+    A worker that dies (e.g. killed for memory) breaks the pool; the unfinished chunks are
+    retried once in a fresh pool, so only a chunk that kills its worker twice fails, with
+    an error saying so.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    index_of = {c.key: i for i, c in enumerate(plan.chunks)}
+    try:
+        import pickle
+
+        pickle.dumps(plan)
+    except Exception as exc:
+        raise ExportError(
+            f"--jobs {jobs} needs picklable chunks and components ({type(exc).__name__}: "
+            f"{exc}); run with --jobs 1"
+        ) from exc
+    attempts = dict.fromkeys((c.key for c in chunks), 0)
+    todo = list(chunks)
+    ctx = multiprocessing.get_context("spawn")
+    while todo:
+        broken: list[Chunk] = []
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(todo)),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(registry.extra_modules,),
+        ) as pool:
+            futures = {}
+            for chunk in todo:
+                attempts[chunk.key] += 1
+                futures[pool.submit(_worker_export, plan, index_of[chunk.key], stage)] = chunk
+                sink(Event("chunk-start", chunk.key))
+            remaining = set(futures)
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in done:
+                    chunk = futures[future]
+                    try:
+                        yield chunk, future.result()
+                    except BrokenProcessPool:
+                        broken.append(chunk)
+                    except Exception as exc:
+                        message = f"worker failed: {type(exc).__name__}: {exc}"
+                        yield chunk, [
+                            _failed(chunk, t, _policy(plan, chunk), {}, message)
+                            for t in plan.targets
+                        ]
+        todo = []
+        for chunk in broken:
+            if attempts[chunk.key] >= 2:
+                message = (
+                    "its worker process died twice (killed, e.g. out of memory?); "
+                    "try fewer --jobs"
+                )
+                yield chunk, [
+                    _failed(chunk, t, _policy(plan, chunk), {}, message) for t in plan.targets
+                ]
+            else:
+                todo.append(chunk)
 
 
 class ExportFailed(ExportError):

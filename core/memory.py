@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -44,3 +46,67 @@ def lifetime_peak_rss_bytes() -> int:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
     return max(own, children)
+
+
+def _rss_and_ppid(pid: str) -> tuple[int, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    # fields after the command: state ppid ... rss is field 24 overall (index 21 here)
+    return int(fields[21]) * _PAGE, int(fields[1])
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_rss_bytes(root: int | None = None) -> int:
+    """Current resident memory of a process and all its descendants (Linux /proc)."""
+    root = os.getpid() if root is None else root
+    table: dict[int, tuple[int, int]] = {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return peak_rss_bytes()
+    for pid in pids:
+        info = _rss_and_ppid(pid)
+        if info is not None:
+            table[int(pid)] = info
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += table.get(pid, (0, 0))[0]
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+class TreePeakSampler:
+    """Samples the whole process tree's RSS in a background thread; ``peak`` is the max.
+
+    Worker processes' peaks add up only when they coincide; sampling the tree measures
+    exactly that (to the sampling interval), unlike summing per-process peaks.
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreePeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes())

@@ -41,9 +41,15 @@ def _hook_names() -> list[str]:
 class Registry:
     """A pluggy manager plus what the registration hooks returned."""
 
-    def __init__(self, pm: pluggy.PluginManager, origins: dict[str, str]) -> None:
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        origins: dict[str, str],
+        extra_modules: tuple[str, ...] = (),
+    ) -> None:
         self.pm = pm
         self.origins = origins
+        self.extra_modules = extra_modules  # to rediscover the same plugins in a worker
         self.components: dict[str, ComponentSpec] = {}
         self.transforms: dict[str, TransformSpec] = {}
         self.profiles: dict[str, DeviceProfile] = {}
@@ -79,7 +85,7 @@ class Registry:
                 continue
             _register(pm, module, module_name)
             origins[module_name] = "module"
-        return cls(pm, origins)
+        return cls(pm, origins, tuple(extra_modules))
 
     def _collect(self) -> None:
         def owner_check(name: str, plugin: str, kind: str) -> None:
