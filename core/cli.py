@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.markup import escape
+
 from sora_export.core.errors import SoraExportError, UsageError
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest
 
@@ -211,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_export(argv)
     except SoraExportError as exc:
         label = "usage error" if exc.exit_code == 2 else "error"
-        err_console.print(f"[bold red]{label}:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]{label}:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -117,12 +118,12 @@ def print_report(result: RunResult, out: Console = console) -> None:
     out.print(result_table(result))
     for r in result.results:
         for note in r.notes:
-            out.print(f"[yellow]note[/] {r.chunk_key} ({r.target}): {note}")
+            out.print(f"[yellow]note[/] {r.chunk_key} ({r.target}): {escape(note)}")
         if r.error:
-            out.print(f"[bold red]error[/] {r.chunk_key} ({r.target}): {r.error}")
+            out.print(f"[bold red]error[/] {r.chunk_key} ({r.target}): {escape(r.error)}")
         v = r.verification
         if v and (v.note or v.error):
-            out.print(f"[red]verify[/] {r.chunk_key} ({r.target}): {v.error or v.note}")
+            out.print(f"[red]verify[/] {r.chunk_key} ({r.target}): {escape(v.error or v.note)}")
     total = sum(r.artifact.bytes for r in result.results if r.artifact)
     budget = result.plan.profile.memory_budget_bytes
     out.print(
