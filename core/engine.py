@@ -451,7 +451,12 @@ def _export_target(
     """
     backend = get_backend(target)
     notes: list[str] = []
-    if _lower_precision(policy) == "fp16" and prepared.max_activation > FP16_MAX * FP16_HEADROOM:
+    forced = plan.request.quantize is not None  # the user insists: no silent widening
+    if (
+        not forced
+        and _lower_precision(policy) == "fp16"
+        and prepared.max_activation > FP16_MAX * FP16_HEADROOM
+    ):
         notes.append(
             f"kept fp32: an input or reference activation reaches "
             f"{prepared.max_activation:.3g}, beyond {FP16_HEADROOM:.0%} of the fp16 range "
@@ -477,7 +482,7 @@ def _export_target(
             and not verification.passed
             and not verification.error
             and policy == "fp16"
-            and plan.request.quantize is None
+            and not forced
         ):
             notes.append(
                 f"fp16 failed the fidelity gate ({verification.psnr_db:.1f} dB < "

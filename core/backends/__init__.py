@@ -6,6 +6,7 @@ Capture (``torch.export``) is shared: one captured program feeds every target.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -53,9 +54,23 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> 
     """
     with torch.no_grad():
         program = torch.export.export(module, tuple(example_inputs), strict=False)
-    program = program.run_decompositions({})
+    program = program.run_decompositions({torch.ops.aten.gelu.default: _gelu_explicit})
     _drop_aliases(program)
     return program
+
+
+def _gelu_explicit(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU with the tanh approximation spelled out.
+
+    coremltools 9 lowers ``aten.gelu(approximate="tanh")`` from torch.export as the exact
+    (erf) GELU, silently changing STDiT3's and T5's numbers; the explicit formula survives
+    conversion (and ONNX export) as intended. The exact form is written with erf (calling
+    aten.gelu here would recurse into this decomposition).
+    """
+    if approximate == "tanh":
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + torch.tanh(inner))
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def _drop_aliases(program: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -89,13 +88,22 @@ class CoreMLBackend:
         return tuple(models)
 
     def run(self, path: Path, inputs: dict[str, Any], function: str = "main") -> dict[str, Any]:
-        """Real Core ML on macOS when it loads; otherwise the MIL reference interpreter."""
-        from sora_export.core.verify.mil_interpreter import run_mlpackage
+        """Real Core ML prediction on macOS; the MIL reference interpreter elsewhere."""
+        from sora_export.core.verify.mil_interpreter import (
+            coreml_predict_available,
+            run_mlpackage,
+        )
 
-        return run_mlpackage(path, inputs, function=function)
+        if not coreml_predict_available():
+            return run_mlpackage(path, inputs, function=function)
+        ct = quiet_coremltools()
+        kwargs = {} if function == "main" else {"function_name": function}
+        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY, **kwargs)
+        out = model.predict({k: np.asarray(v) for k, v in inputs.items()})
+        return {k: np.asarray(v) for k, v in out.items()}
 
     @staticmethod
     def runner_name() -> str:
-        if platform.system() == "Darwin":
-            return "coreml-predict"
-        return "mil-interpreter"
+        from sora_export.core.verify.mil_interpreter import coreml_predict_available
+
+        return "coreml-predict" if coreml_predict_available() else "mil-interpreter"

@@ -165,10 +165,6 @@ def _to_torch(value: Any) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def _storage_form(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype == torch.float16 else t
-
-
 # --------------------------------------------------------------------------------------------
 # kernel registry
 
@@ -280,16 +276,12 @@ def _binary(
     return factory
 
 
-def _int_aware_div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # MIL real_div on ints truncates like the declared int output; the post-cast does that.
-    return torch.div(x, y)
-
-
 for _name, _fn in {
     "add": torch.add,
     "sub": torch.sub,
     "mul": torch.mul,
-    "real_div": _int_aware_div,
+    # True division; on int inputs the cast to the declared int output truncates, as MIL does.
+    "real_div": torch.div,
     "pow": torch.pow,
     "maximum": torch.maximum,
     "minimum": torch.minimum,
@@ -870,7 +862,7 @@ def _slice_key(
     kept_axis = 0
     for i, size in enumerate(shape):
         if squeeze_mask[i]:
-            key.append(int(begin[i]))
+            key.append(0 if begin_mask[i] else int(begin[i]))
             continue
         s = slice(
             None if begin_mask[i] else int(begin[i]),
@@ -886,26 +878,35 @@ def _slice_key(
     return tuple(key), gathers
 
 
+def _apply_slice(
+    x: torch.Tensor,
+    begin: Sequence[int],
+    end: Sequence[int],
+    stride: Sequence[int],
+    begin_mask: Sequence[bool],
+    end_mask: Sequence[bool],
+    squeeze_mask: Sequence[bool],
+) -> torch.Tensor:
+    """MIL ``slice_by_index``: python slicing per axis; squeezed axes take ``begin``."""
+    key, gathers = _slice_key(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    y = x[key]
+    for axis, idx in gathers:
+        y = y.index_select(axis, torch.tensor(idx, dtype=torch.long))
+    return y
+
+
 @_kernel("slice_by_index")
 def _slice_by_index(op: _OpBinder) -> _Kernel:
     rank = op.rank("x")
     begin = op.ints("begin") or []
     end = op.ints("end") or []
     stride = op.ints("stride", None) or [1] * rank
-    masks = [
+    begin_mask, end_mask, squeeze_mask = (
         [bool(v) for v in np.asarray(op.const(name, [False] * rank)).reshape(-1)]
         for name in ("begin_mask", "end_mask", "squeeze_mask")
-    ]
+    )
     op.tensor("x")
-
-    def slice_by_index(x: torch.Tensor) -> torch.Tensor:
-        key, gathers = _slice_key(x.shape, begin, end, stride, *masks)
-        y = x[key]
-        for axis, idx in gathers:
-            y = y.index_select(axis, torch.tensor(idx, dtype=torch.long))
-        return y
-
-    return slice_by_index
+    return lambda x: _apply_slice(x, begin, end, stride, begin_mask, end_mask, squeeze_mask)
 
 
 @_kernel("slice_by_size")
@@ -1299,7 +1300,10 @@ class MILInterpreter:
         if not self.package_path.exists():
             raise FileNotFoundError(f"no such Core ML package: {self.package_path}")
         spec, program, weights_dir = _load_program(self.package_path)
-        self._functions = list(program.functions)
+        # The description lists a multifunction package's functions in a stable order; the
+        # program's function map does not keep one.
+        described = [f.name for f in spec.description.functions]
+        self._functions = described if described else sorted(program.functions)
         if function not in program.functions:
             raise KeyError(
                 f"{self.package_path} has no function {function!r}; "
@@ -1387,7 +1391,7 @@ class MILInterpreter:
                 except Exception as error:
                     error.add_note(f"while running MIL op {step.op_type} {step.op_name!r}")
                     raise
-                if len(step.outs) == 1:
+                if not isinstance(result, (tuple, list)):
                     result = (result,)
                 for slot, value, dtype in zip(step.outs, result, step.out_dtypes, strict=True):
                     env[slot] = value if value.dtype == dtype else value.to(dtype)
@@ -1478,13 +1482,17 @@ class MILInterpreter:
             raise KeyError(f"MIL var {var.name!r} is used before it is produced")
 
         self._input_slots = [new_slot(name) for name in fn.inputs]
-        steps: list[tuple[_Step, Any]] = []
+        steps: list[_Step] = []
         failed: set[str] = set()
 
         for op in fn.operations:
             if op.op_type == "const":
                 continue  # materialised on first use, only if used as a tensor
-            problem = self._unsupported_reason(op, failed)
+            if failed and self._depends_on(op, failed):
+                # Downstream of an unsupported op: not reported itself, never planned.
+                failed.update(out.name for out in op.outputs)
+                continue
+            problem = self._unsupported_reason(op)
             if problem is None:
                 binder = _OpBinder(op, const_value)
                 try:
@@ -1511,28 +1519,32 @@ class MILInterpreter:
             outs = tuple(new_slot(out.name) for out in op.outputs)
             out_shapes = tuple(self._static_shape(out) for out in op.outputs)
             step = _Step(kernel, args, outs, out_dtypes, (), op.op_type, op.name, out_shapes)
-            steps.append((step, op))
+            steps.append(step)
 
         self._output_slots = [
             slots.get(var.name, -1) if var.name in failed else slot_of(var) for var in fn.outputs
         ]
         self._base_env = base_env
-        self._steps = self._with_releases([s for s, _ in steps], constant_slots)
+        self._steps = self._with_releases(steps, constant_slots)
 
     @staticmethod
-    def _unsupported_reason(op: Any, failed: set[str]) -> str | None:
+    def _unsupported_reason(op: Any) -> str | None:
         if op.op_type not in _KERNELS:
             return "the interpreter has no kernel for this op type"
+        if getattr(op, "blocks", None):
+            return "ops with nested blocks (control flow) are not supported"
         for out in op.outputs:
             if _mil_dtype(out) not in _TORCH_DTYPE:
                 return f"output dtype {_mil_dtype(out)} is not supported"
-        if getattr(op, "blocks", None):
-            return "ops with nested blocks (control flow) are not supported"
+        return None
+
+    @staticmethod
+    def _depends_on(op: Any, names: set[str]) -> bool:
         for value in op.inputs.values():
             for var in value if isinstance(value, (list, tuple)) else (value,):
-                if var.name in failed:
-                    return f"depends on unsupported op output {var.name!r}"
-        return None
+                if var.name in names:
+                    return True
+        return False
 
     @staticmethod
     def _fold(
@@ -1546,7 +1558,7 @@ class MILInterpreter:
         def results() -> Any:
             if "r" not in cache:
                 r = evaluate()
-                cache["r"] = r if len(op.outputs) > 1 else (r,)
+                cache["r"] = r if isinstance(r, (tuple, list)) else (r,)
             return cache["r"]
 
         values = []
@@ -1555,7 +1567,7 @@ class MILInterpreter:
             def make(index: int = index, dtype: torch.dtype = dtype) -> torch.Tensor:
                 # Round to the declared dtype (fp16 weights really are fp16), then hold the
                 # compute form.
-                return _storage_form(results()[index].to(dtype))
+                return _f(results()[index].to(dtype))
 
             values.append(shared(out.name, make))
         return values
