@@ -91,8 +91,7 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
             verification = None
             if plan is not None and key in chunks:
                 chunk = chunks[key]
-                timings: dict[str, float] = {}
-                prepared = _references(chunk, registry, active, plan, timings)
+                prepared = _references(chunk, registry, active, plan)
                 start = time.perf_counter()
                 verification = engine.verify_artifact(
                     path,
@@ -111,29 +110,18 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
     return checks
 
 
-def _references(chunk, registry, active, plan, timings):
+def _references(chunk, registry, active, plan):
     """Rebuild a chunk's PyTorch module(s) and fp32 reference outputs for each function."""
     from sora_export.core import engine
 
-    module = chunk.build()
-    module.eval()
+    base = chunk.build().eval()
     inputs = tuple(t.contiguous() for t in chunk.example_inputs())
     references = {}
     seconds = 0.0
-    for variant in chunk.functions:
-        m = module
-        for _plugin, replacement in registry.call(
-            "sora_export_patch_module",
-            active,
-            chunk=chunk,
-            module=m,
-            variant=variant,
-            profile=plan.profile,
-        ):
-            m = replacement
+    for variant, module in engine.patched_variants(chunk, base, registry, active, plan.profile):
         start = time.perf_counter()
         with torch.no_grad():
-            out = m(*inputs)
+            out = module(*inputs)
         seconds += time.perf_counter() - start
         references[variant] = engine._outputs_dict(chunk, out)
     return engine._inputs_dict(chunk, inputs), references, seconds

@@ -62,7 +62,7 @@ FP16_MAX = 65504.0
 FP16_HEADROOM = 0.5
 BUNDLE_FORMAT = "sora-export-bundle"
 BUNDLE_VERSION = 1
-STAGES = ("build", "capture", "lower", "quantize", "save", "verify")
+STAGES = ("build", "reference", "capture", "lower", "quantize", "save", "verify")
 
 
 def package_version() -> str:
@@ -208,7 +208,11 @@ def dataflow(plan: ExportPlan) -> list[dict[str, str]]:
 def _canonical_weights(
     request: ExportRequest, registry: Registry, selected: set[str]
 ) -> dict[str, Path]:
-    """Map ``--weights NAME=PATH`` (names or aliases) to selected component names."""
+    """Map ``--weights NAME=PATH`` (names or aliases) to selected component names.
+
+    An alias naming several components (``vae``) gives the path to each selected one: one
+    checkpoint file may hold several components (OpenSora-VAE-v1.2 holds both decoders).
+    """
     out = {}
     for name, path in request.weights.items():
         match = [c for c in registry.components.values() if name in (c.name, *c.aliases)]
@@ -217,11 +221,14 @@ def _canonical_weights(
                 f"--weights {name}=...: unknown component; use one of "
                 f"{', '.join(sorted(registry.components))}"
             )
-        if match[0].name not in selected:
+        chosen = [c.name for c in match if c.name in selected]
+        if not chosen:
             raise UsageError(
-                f"--weights {name}=... names a component that is not selected; add it to --plugins"
+                f"--weights {name}=... names a component that is not selected; "
+                "add it to --plugins"
             )
-        out[match[0].name] = Path(path)
+        for component in chosen:
+            out[component] = Path(path)
     return out
 
 
@@ -363,7 +370,7 @@ class _Prepared:
     programs: dict[str, Any]
     references: dict[str, dict[str, np.ndarray]]
     inputs: dict[str, np.ndarray]
-    max_activation: float
+    max_activation: float | None  # None when not measured (verification off)
     reference_seconds: float
 
 
@@ -374,6 +381,7 @@ def _prepare(
     profile: DeviceProfile,
     timings: dict[str, float],
     sink: EventSink,
+    measure: bool = True,
 ) -> _Prepared:
     sink(Event("stage", chunk.key, "build"))
     with _timed(timings, "build"):
@@ -386,11 +394,50 @@ def _prepare(
         _check_inputs(chunk, inputs)
     programs: dict[str, Any] = {}
     references: dict[str, dict[str, np.ndarray]] = {}
-    max_act = 0.0
+    max_act: float | None = None
     ref_seconds = 0.0
+    for variant, module in patched_variants(chunk, base, registry, active, profile):
+        if measure:
+            # one fp32 forward gives the verification reference and the fp16 headroom
+            sink(Event("stage", chunk.key, "reference", variant))
+            with _timed(timings, "reference"):
+                start = time.perf_counter()
+                out, act = _max_activation(module, inputs)
+                # the chunk's inputs count too: an fp16 package receives them in fp16
+                act = max([act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())])
+                ref_seconds += time.perf_counter() - start
+            references[variant] = _outputs_dict(chunk, out)
+            max_act = max(max_act or 0.0, act)
+            del out
+        sink(Event("stage", chunk.key, "capture", variant))
+        with _timed(timings, "capture"):
+            try:
+                programs[variant] = capture(module, inputs)
+            except Exception as exc:
+                raise ExportError(
+                    f"{chunk.key}: torch.export failed for variant {variant!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        del module
+    del base
+    return _Prepared(programs, references, _inputs_dict(chunk, inputs), max_act, ref_seconds)
+
+
+def patched_variants(
+    chunk: Chunk,
+    base: torch.nn.Module,
+    registry: Registry,
+    active: set[str],
+    profile: DeviceProfile,
+) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Yield ``(variant, module)`` for each function of a chunk, after the patch hook.
+
+    Every variant but the last gets a deep copy of ``base``, so an in-place patch of one
+    variant never leaks into another.
+    """
     for i, variant in enumerate(chunk.functions):
         last = i == len(chunk.functions) - 1
-        module = base if last else copy.deepcopy(base)  # in-place patches must not leak
+        module = base if last else copy.deepcopy(base)
         for plugin, replacement in registry.call(
             "sora_export_patch_module",
             active,
@@ -406,25 +453,7 @@ def _prepare(
                     f"must return None or an nn.Module, got {type(replacement).__name__}",
                 )
             module = replacement
-        start = time.perf_counter()
-        out, act = _max_activation(module, inputs)
-        # the chunk's inputs count too: an fp16 package would receive them rounded to fp16
-        act = max([act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())])
-        ref_seconds += time.perf_counter() - start
-        references[variant] = _outputs_dict(chunk, out)
-        max_act = max(max_act, act)
-        sink(Event("stage", chunk.key, "capture", variant))
-        with _timed(timings, "capture"):
-            try:
-                programs[variant] = capture(module, inputs)
-            except Exception as exc:
-                raise ExportError(
-                    f"{chunk.key}: torch.export failed for variant {variant!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        del module, out
-    del base
-    return _Prepared(programs, references, _inputs_dict(chunk, inputs), max_act, ref_seconds)
+        yield variant, module
 
 
 def _lower_precision(policy: str) -> str:
@@ -455,6 +484,7 @@ def _export_target(
     if (
         not forced
         and _lower_precision(policy) == "fp16"
+        and prepared.max_activation is not None
         and prepared.max_activation > FP16_MAX * FP16_HEADROOM
     ):
         notes.append(
@@ -639,7 +669,7 @@ def export_chunk(
     policies = {t: _policy(plan, chunk) for t in plan.targets}
     results: list[ChunkResult] = []
     try:
-        prepared = _prepare(chunk, registry, active, plan.profile, timings, sink)
+        prepared = _prepare(chunk, registry, active, plan.profile, timings, sink, plan.verify)
     except SoraExportError as exc:
         return [_failed(chunk, t, policies[t], timings, str(exc)) for t in plan.targets]
     except Exception as exc:
@@ -882,20 +912,23 @@ def _run_parallel(
                         broken.append(chunk)
                     except Exception as exc:
                         message = f"worker failed: {type(exc).__name__}: {exc}"
-                        yield chunk, [
-                            _failed(chunk, t, _policy(plan, chunk), {}, message)
-                            for t in plan.targets
-                        ]
+                        yield (
+                            chunk,
+                            [
+                                _failed(chunk, t, _policy(plan, chunk), {}, message)
+                                for t in plan.targets
+                            ],
+                        )
         todo = []
         for chunk in broken:
             if attempts[chunk.key] >= 2:
                 message = (
-                    "its worker process died twice (killed, e.g. out of memory?); "
-                    "try fewer --jobs"
+                    "its worker process died twice (killed, e.g. out of memory?); try fewer --jobs"
                 )
-                yield chunk, [
-                    _failed(chunk, t, _policy(plan, chunk), {}, message) for t in plan.targets
-                ]
+                yield (
+                    chunk,
+                    [_failed(chunk, t, _policy(plan, chunk), {}, message) for t in plan.targets],
+                )
             else:
                 todo.append(chunk)
 

@@ -65,6 +65,11 @@ def plan_panel(plan: ExportPlan) -> Panel:
         f"chunks {len(plan.chunks)}  verify {'on' if plan.verify else 'off'}  "
         f"per-chunk budget {human_bytes(plan.profile.per_chunk_budget_bytes)}",
     ]
+    if not plan.verify:
+        lines.append(
+            "[yellow]verification off[/]: artifacts are not compared with PyTorch and fp16 "
+            "overflow is not measured (--verify to enable)"
+        )
     random = [c.spec.name for c in plan.components if c.context.weights is None]
     if random:
         lines.append(
