@@ -161,6 +161,10 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
             with_variants.append(attrs.evolve(chunk, functions=functions))
         planned.append(attrs.evolve(pc, chunks=tuple(with_variants)))
     verify = request.verify if request.verify is not None else request.size == "tiny"
+    if not verify and (request.quantize == "auto" or _profile_uses_auto(profile)):
+        raise UsageError(
+            "--quantize auto picks each chunk's policy by measuring it: it needs --verify"
+        )
     return ExportPlan(
         request=request,
         profile=profile,
@@ -205,6 +209,11 @@ def dataflow(plan: ExportPlan) -> list[dict[str, str]]:
     return edges
 
 
+def _profile_uses_auto(profile: DeviceProfile) -> bool:
+    q = profile.quantization
+    return "auto" in (q.default, *q.components.values(), *q.chunks.values())
+
+
 def _canonical_weights(
     request: ExportRequest, registry: Registry, selected: set[str]
 ) -> dict[str, Path]:
@@ -224,8 +233,7 @@ def _canonical_weights(
         chosen = [c.name for c in match if c.name in selected]
         if not chosen:
             raise UsageError(
-                f"--weights {name}=... names a component that is not selected; "
-                "add it to --plugins"
+                f"--weights {name}=... names a component that is not selected; add it to --plugins"
             )
         for component in chosen:
             out[component] = Path(path)
@@ -493,6 +501,10 @@ def _export_target(
             f"({FP16_MAX:.0f}); fp16 would overflow"
         )
         policy = "fp32"
+    if policy == "auto":
+        return _export_auto(
+            chunk, prepared, target, plan, registry, active, stage_dir, timings, sink, notes
+        )
     while True:
         artifact, verification = _lower_save_verify(
             chunk,
@@ -521,6 +533,59 @@ def _export_target(
             policy = "fp32"
             continue
         return artifact, verification, policy, notes
+
+
+# ``--quantize auto`` tries these from the smallest stored size up and keeps the first that
+# passes its fidelity gate (fp32 last: it always exists as the fallback).
+AUTO_ORDER = ("palettize4", "int4-block", "palettize6", "int8", "palettize8", "fp16", "fp32")
+
+
+def _export_auto(
+    chunk: Chunk,
+    prepared: _Prepared,
+    target: str,
+    plan: ExportPlan,
+    registry: Registry,
+    active: set[str],
+    stage_dir: Path,
+    timings: dict[str, float],
+    sink: EventSink,
+    notes: list[str],
+) -> tuple[Artifact, Verification | None, str, list[str]]:
+    """Per chunk, the smallest policy whose artifact passes the gate (needs verification)."""
+    backend = get_backend(target)
+    tried = []
+    artifact = verification = None
+    candidates = AUTO_ORDER
+    if prepared.max_activation is not None and prepared.max_activation > FP16_MAX * FP16_HEADROOM:
+        candidates = ("fp32",)  # every other policy computes in fp16
+        tried.append("fp16-family skipped: activations beyond the fp16 range")
+    for candidate in candidates:
+        try:
+            artifact, verification = _lower_save_verify(
+                chunk,
+                prepared,
+                target,
+                candidate,
+                backend,
+                plan,
+                registry,
+                active,
+                stage_dir,
+                timings,
+                sink,
+            )
+        except ExportError as exc:
+            if "no plugin quantizes" not in str(exc):
+                raise
+            tried.append(f"{candidate} unsupported")
+            continue
+        assert verification is not None  # plan() refuses auto without verification
+        tried.append(f"{candidate} {verification.psnr_db:.1f} dB")
+        if verification.passed:
+            notes.append("auto chose " + candidate + " (tried: " + ", ".join(tried) + ")")
+            return artifact, verification, candidate, notes
+    raise ExportError(f"{chunk.key}: no policy passed its fidelity gate ({', '.join(tried)})")
 
 
 def _lower_save_verify(
@@ -1012,6 +1077,9 @@ def result_to_json(r: ChunkResult) -> dict[str, Any]:
         "functions": list(r.artifact.functions) if r.artifact else [],
         "params": r.params,
         "quantization": r.quantization,
+        "compression_vs_fp32": round(r.params * 4 / r.artifact.bytes, 3)
+        if r.artifact and r.artifact.bytes
+        else None,
         "timings": {k: round(v, 4) for k, v in r.timings.items()},
         "peak_rss_bytes": r.peak_rss_bytes,
         "verification": None

@@ -94,7 +94,7 @@ def result_table(result: RunResult) -> Table:
     table.add_column("target")
     table.add_column("params", justify="right")
     table.add_column("precision")
-    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("size (vs fp32)", justify="right", no_wrap=True)
     table.add_column("stage seconds", no_wrap=True)
     table.add_column("total s", justify="right")
     table.add_column("PSNR dB", justify="right", no_wrap=True)
@@ -110,7 +110,9 @@ def result_table(result: RunResult) -> Table:
             r.target,
             human_count(r.params),
             r.quantization,
-            human_bytes(r.artifact.bytes) if r.artifact else "-",
+            f"{human_bytes(r.artifact.bytes)} ({r.params * 4 / r.artifact.bytes:.1f}x)"
+            if r.artifact and r.artifact.bytes
+            else "-",
             _stage_text(r),
             f"{sum(r.timings.values()):.1f}",
             _psnr_text(r),
