@@ -114,6 +114,7 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
             raise UsageError(f"unknown target {t!r}; use coreml or onnx")
     weights = _canonical_weights(request, registry, {c.name for c in components})
     active = registry.active_plugins(components, transforms)
+    registry.call("sora_export_check_profile", active, profile=profile)
     planned = []
     for spec in components:
         ctx = ComponentBuildContext(

@@ -9,6 +9,7 @@ environment variable (comma-separated module paths).
 Hooks are called in this order during an export::
 
     sora_export_register_components / _transforms / _profiles   (discovery, every run)
+    sora_export_check_profile        once, during planning       (all plugins)
     sora_export_chunk_component      per selected component      (first result wins)
     sora_export_chunk_variants       per chunk                   (all results collected)
     sora_export_patch_module         per chunk and variant, before capture (all plugins)
@@ -79,6 +80,20 @@ def sora_export_register_profiles(register: Callable[[DeviceProfile], None]) -> 
 
     :param register: call it with a :class:`~sora_export.core.types.DeviceProfile`.
     :returns: nothing.
+    """
+
+
+@hookspec
+def sora_export_check_profile(profile: DeviceProfile) -> None:
+    """Validate this plugin's options in the device profile, before anything is exported.
+
+    Called once per run for every active plugin, during planning, after the profile is
+    resolved and before any component is described. Read your ``[plugins.NAME]`` table
+    with ``profile.options(NAME)`` and raise
+    :class:`~sora_export.core.errors.UsageError` naming the field for a bad value: it
+    reaches the user as a usage error (exit 2) with nothing written.
+
+    :returns: nothing; results are ignored.
     """
 
 

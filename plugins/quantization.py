@@ -683,3 +683,8 @@ def _drop_stale_value_info(graph: Any) -> None:
     if len(kept) != len(graph.value_info):
         del graph.value_info[:]
         graph.value_info.extend(kept)
+
+
+@hookimpl
+def sora_export_check_profile(profile: DeviceProfile) -> None:
+    QuantizationOptions.from_profile(profile)  # UsageError names [plugins.quantization] key

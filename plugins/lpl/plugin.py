@@ -74,3 +74,8 @@ def sora_export_package(plan: ExportPlan, result: RunResult, bundle: Path) -> di
     settings = settings_from_profile(plan.profile)
     shapes = [s.to_json() for s in plan.profile.shapes]
     return {"sampler": manifest_section(settings, shapes)}
+
+
+@hookimpl
+def sora_export_check_profile(profile: DeviceProfile) -> None:
+    settings_from_profile(profile)  # raises UsageError naming the [plugins.lpl] field

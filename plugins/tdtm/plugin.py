@@ -205,3 +205,8 @@ def sora_export_package(plan: ExportPlan, result: RunResult, bundle: Path) -> di
             "used at every step",
         }
     }
+
+
+@hookimpl
+def sora_export_check_profile(profile: DeviceProfile) -> None:
+    settings_from_profile(profile)  # raises UsageError naming the [plugins.tdtm] field
