@@ -21,7 +21,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,15 @@ from sora_export.core.backends import (
     tree_bytes,
     tree_sha256,
 )
+from sora_export.core.bundle import (
+    _jsonable,
+    _write_json,
+    build_manifest,
+    build_report,
+    package_version,
+    result_from_json,
+    result_to_json,
+)
 from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
 from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
 from sora_export.core.profiles import load_profile_file
@@ -51,7 +59,6 @@ from sora_export.core.types import (
     ExportRequest,
     PlannedComponent,
     RunResult,
-    TensorSpec,
     Verification,
 )
 from sora_export.core.verify.metrics import compare
@@ -60,16 +67,7 @@ FP16_MAX = 65504.0
 # An fp16 lowering is refused up front when a reference activation exceeds this share of the
 # fp16 range: intermediate sums and the on-device accumulation order add headroom needs.
 FP16_HEADROOM = 0.5
-BUNDLE_FORMAT = "sora-export-bundle"
-BUNDLE_VERSION = 1
 STAGES = ("build", "reference", "capture", "lower", "quantize", "save", "verify")
-
-
-def package_version() -> str:
-    try:
-        return version("sora-export")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0+unknown"
 
 
 # -- events: the engine reports progress through a callback, never prints -------------------
@@ -177,39 +175,6 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
     )
 
 
-def dataflow(plan: ExportPlan) -> list[dict[str, str]]:
-    """Edges between components of the bundle, from ``ComponentSpec.links``.
-
-    Each edge names the producing chunk output (the last chunk of the producer that outputs
-    it), every chunk input it feeds, and the transform a runtime applies in between.
-    """
-    producers: dict[str, dict[str, str]] = {}
-    for comp in plan.components:
-        for chunk in comp.chunks:
-            for source in chunk.wiring.values():  # a component's pipeline inputs
-                if source.startswith("pipeline:"):
-                    producers.setdefault(comp.spec.name, {})[source[9:]] = source
-            for spec in chunk.outputs:
-                producers.setdefault(comp.spec.name, {})[spec.name] = f"{chunk.key}:{spec.name}"
-    edges = []
-    for comp in plan.components:
-        for chunk in comp.chunks:
-            for name, source in chunk.wiring.items():
-                link = comp.spec.links.get(source.removeprefix("pipeline:"))
-                if not source.startswith("pipeline:") or link is None:
-                    continue
-                producer, _, output = link.source.partition(":")
-                if output in producers.get(producer, {}):
-                    edges.append(
-                        {
-                            "from": producers[producer][output],
-                            "to": f"{chunk.key}:{name}",
-                            "transform": link.transform,
-                        }
-                    )
-    return edges
-
-
 def _profile_uses_auto(profile: DeviceProfile) -> bool:
     q = profile.quantization
     return "auto" in (q.default, *q.components.values(), *q.chunks.values())
@@ -309,10 +274,6 @@ def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) 
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 # -- running one chunk -------------------------------------------------------------------
@@ -1024,22 +985,6 @@ def _read_progress(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def _cached_results(
     plan: ExportPlan, chunk: Chunk, progress: dict[str, Any], stage: Path
 ) -> list[ChunkResult] | None:
@@ -1059,178 +1004,6 @@ def _cached_results(
             return None
         out.append(attrs.evolve(r, cached=True))
     return out
-
-
-# -- JSON forms --------------------------------------------------------------------------
-def _finite(x: float) -> float | str:
-    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
-
-
-def result_to_json(r: ChunkResult) -> dict[str, Any]:
-    return {
-        "chunk": r.chunk_key,
-        "component": r.component,
-        "name": r.name,
-        "target": r.target,
-        "path": r.artifact.path if r.artifact else None,
-        "bytes": r.artifact.bytes if r.artifact else 0,
-        "sha256": r.artifact.sha256 if r.artifact else None,
-        "functions": list(r.artifact.functions) if r.artifact else [],
-        "params": r.params,
-        "quantization": r.quantization,
-        "compression_vs_fp32": round(r.params * 4 / r.artifact.bytes, 3)
-        if r.artifact and r.artifact.bytes
-        else None,
-        "timings": {k: round(v, 4) for k, v in r.timings.items()},
-        "peak_rss_bytes": r.peak_rss_bytes,
-        "verification": None
-        if r.verification is None
-        else {
-            **{k: v for k, v in attrs.asdict(r.verification).items()},
-            "psnr_db": _finite(r.verification.psnr_db),
-            "max_abs_err": _finite(r.verification.max_abs_err),
-        },
-        "error": r.error,
-        "notes": list(r.notes),
-        "cached": r.cached,
-        "ok": r.ok,
-    }
-
-
-def _num(x: Any) -> float:
-    return float(x)  # JSON keeps inf as the string "inf"/"-inf", which float() reads
-
-
-def result_from_json(d: dict[str, Any]) -> ChunkResult:
-    v = d.get("verification")
-    verification = None
-    if v is not None:
-        verification = Verification(
-            backend=v["backend"],
-            psnr_db=_num(v["psnr_db"]),
-            max_abs_err=_num(v["max_abs_err"]),
-            finite=v["finite"],
-            threshold_db=v["threshold_db"],
-            passed=v["passed"],
-            seconds=v.get("seconds", 0.0),
-            reference_seconds=v.get("reference_seconds", 0.0),
-            note=v.get("note", ""),
-            error=v.get("error", ""),
-        )
-    artifact = None
-    if d.get("path"):
-        artifact = Artifact(
-            target=d["target"],
-            path=d["path"],
-            bytes=d["bytes"],
-            sha256=d["sha256"],
-            functions=tuple(d.get("functions", ["main"])),
-        )
-    return ChunkResult(
-        chunk_key=d["chunk"],
-        component=d["component"],
-        name=d["name"],
-        target=d["target"],
-        artifact=artifact,
-        params=d["params"],
-        quantization=d["quantization"],
-        timings=d.get("timings", {}),
-        peak_rss_bytes=d.get("peak_rss_bytes", 0),
-        verification=verification,
-        error=d.get("error"),
-        notes=tuple(d.get("notes", ())),
-        cached=bool(d.get("cached", False)),
-    )
-
-
-def _tensor_json(spec: TensorSpec) -> dict[str, Any]:
-    return spec.to_json()
-
-
-def request_to_json(request: ExportRequest) -> dict[str, Any]:
-    """What ``sora-export verify`` needs to rebuild the PyTorch references of a bundle."""
-    return {
-        "plugins": list(request.plugins),
-        "profile": request.profile,
-        "size": request.size,
-        "seed": request.seed,
-        "weights": {k: str(Path(v).resolve()) for k, v in request.weights.items()},
-        "targets": list(request.targets),
-        "quantize": request.quantize,
-    }
-
-
-def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
-    by_chunk: dict[tuple[str, str], ChunkResult] = {
-        (r.chunk_key, r.target): r for r in result.results
-    }
-    components = []
-    for comp in plan.components:
-        for target in plan.targets:
-            chunks = []
-            for chunk in comp.chunks:
-                r = by_chunk.get((chunk.key, target))
-                chunks.append(
-                    {
-                        "name": chunk.name,
-                        "index": chunk.index,
-                        "path": r.artifact.path if r and r.artifact else None,
-                        "inputs": [_tensor_json(s) for s in chunk.inputs],
-                        "outputs": [_tensor_json(s) for s in chunk.outputs],
-                        "wiring": dict(chunk.wiring),
-                        "params": chunk.params,
-                        "bytes": r.artifact.bytes if r and r.artifact else 0,
-                        "sha256": r.artifact.sha256 if r and r.artifact else None,
-                        "functions": list(r.artifact.functions)
-                        if r and r.artifact
-                        else list(chunk.functions),
-                        "quantization": r.quantization if r else None,
-                        "meta": _jsonable(chunk.meta),
-                    }
-                )
-            components.append(
-                {
-                    "name": comp.spec.name,
-                    "target": target,
-                    "size": comp.context.size,
-                    "random_weights": comp.context.weights is None,
-                    "weights": str(comp.context.weights) if comp.context.weights else None,
-                    "chunks": chunks,
-                }
-            )
-    return {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "generator": f"sora-export {package_version()}",
-        "profile": plan.profile.to_json(),
-        "plugins": list(plan.plugins),
-        "transforms": [t.name for t in plan.transforms],
-        "pipeline": [c.spec.name for c in plan.components],
-        "request": request_to_json(plan.request),
-        "components": components,
-        "dataflow": dataflow(plan),
-        "sampler": {},
-    }
-
-
-def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
-    total_bytes = sum(r.artifact.bytes for r in result.results if r.artifact)
-    return {
-        "format": "sora-export-report",
-        "version": BUNDLE_VERSION,
-        "ok": result.ok,
-        "total_seconds": round(result.seconds, 3),
-        "peak_rss_bytes": result.peak_rss_bytes,
-        "total_bytes": total_bytes,
-        "memory_budget_bytes": plan.profile.memory_budget_bytes,
-        "per_chunk_budget_bytes": plan.profile.per_chunk_budget_bytes,
-        "profile": plan.profile.name,
-        "size": plan.request.size,
-        "random_weights": [c.spec.name for c in plan.components if c.context.weights is None],
-        "targets": list(plan.targets),
-        "verify": plan.verify,
-        "chunks": [result_to_json(r) for r in result.results],
-    }
 
 
 def package(plan: ExportPlan, result: RunResult, registry: Registry, stage: Path) -> None:

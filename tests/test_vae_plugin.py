@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from sora_export.core import engine
+from sora_export.core.bundle import dataflow
 from sora_export.core.cli import main
 from sora_export.core.errors import UsageError
 from sora_export.core.registry import Registry
@@ -485,7 +486,7 @@ def test_whole_tiny_pipeline_plan_has_the_dataflow_edges(tmp_path: Path) -> None
     registry = _pipeline_registry()
     request = ExportRequest(plugins=("t5", "stdit", "vae"), output=tmp_path / "out")
     plan = engine.plan(request, registry)
-    _check_pipeline([c.spec.name for c in plan.components], engine.dataflow(plan))
+    _check_pipeline([c.spec.name for c in plan.components], dataflow(plan))
 
 
 @pytest.mark.slow  # about 45 s of CPU: it lowers every tiny chunk of all four components
