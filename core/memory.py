@@ -91,15 +91,16 @@ class TreePeakSampler:
     exactly that (to the sampling interval), unlike summing per-process peaks.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, root: int | None = None) -> None:
         self.interval = interval
+        self.root = root  # None: this process
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes())
+            self.peak = max(self.peak, tree_rss_bytes(self.root))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreePeakSampler:
@@ -109,4 +110,4 @@ class TreePeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss_bytes())
+        self.peak = max(self.peak, tree_rss_bytes(self.root))

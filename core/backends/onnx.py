@@ -201,9 +201,13 @@ class ONNXBackend:
     suffix = ".onnx"
 
     def lower(
-        self, program: Any, chunk: Chunk, profile: DeviceProfile, precision: str
+        self,
+        program: torch.export.ExportedProgram,
+        chunk: Chunk,
+        profile: DeviceProfile,
+        precision: str,
     ) -> onnx.ModelProto:
-        """Export ``program`` (a ``torch.export.ExportedProgram``) to an in-memory model.
+        """Export the captured ``program`` to an in-memory ONNX model.
 
         The program is not modified, so the same capture can feed other backends. The
         model's default-domain opset is ``profile.onnx_opset``; its inputs and outputs are

@@ -1,0 +1,129 @@
+"""Full-scale export benchmark: wall time and whole-process-tree peak RSS, side by side.
+
+Runs ``sora-export`` as a subprocess per configuration (fresh process, cold caches of
+this tool) and samples the resident memory of the process and all its workers every
+0.2 s. Prints a rich table and writes the figures as JSON.
+
+    python examples/benchmarks/export_scale.py                      # STDiT3-XL/2: jobs 1 vs 2
+    python examples/benchmarks/export_scale.py --case requantize    # cold vs re-quantize
+    python examples/benchmarks/export_scale.py --case one-graph     # all blocks in one graph
+    python examples/benchmarks/export_scale.py --plugins t5 --quantize int8 --jobs 1
+
+Random weights at --size full; verification off (one fp32 reference forward of the full
+STDiT3 costs minutes on a laptop CPU and is not what these figures are about).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sora_export.core.memory import TreePeakSampler
+
+console = Console()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_export(args: list[str]) -> dict:
+    """Run one export; return wall seconds, peak tree RSS and the report's totals."""
+    command = [sys.executable, "-m", "sora_export.core.cli", *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with TreePeakSampler(root=proc.pid) as sampler:
+        output, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        console.print(output[-4000:])
+        raise SystemExit(f"export failed ({proc.returncode}): {' '.join(args)}")
+    out = Path(args[args.index("-o") + 1])
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "args": " ".join(args),
+        "wall_seconds": round(seconds, 1),
+        "peak_tree_rss_bytes": sampler.peak,
+        "bundle_bytes": report["total_bytes"],
+        "chunks": len(report["chunks"]),
+        "cached_chunks": sum(1 for c in report["chunks"] if c["cached"]),
+    }
+
+
+def one_graph_profile(folder: Path) -> Path:
+    """iphone15pro with an unlimited chunk budget: every block pair in one graph."""
+    text = (REPO / "plugins" / "profiles" / "iphone15pro.toml").read_text()
+    text = text.replace('name = "iphone15pro"', 'name = "one-graph"')
+    text = text.replace(
+        "resident_chunks = 2", "resident_chunks = 2\nchunk_budget_bytes = 100_000_000_000"
+    )
+    path = folder / "one-graph.toml"
+    path.write_text(text)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--case", choices=("jobs", "requantize", "one-graph"), default="jobs")
+    p.add_argument("--plugins", default="stdit")
+    p.add_argument("--quantize", default="fp16")
+    p.add_argument("--jobs", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--size", default="full")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sora-bench-") as tmp:
+        base = ["--plugins", args.plugins, "--size", args.size, "--no-verify"]
+        if args.case == "jobs":
+            for jobs in args.jobs:
+                out = Path(tmp) / f"jobs{jobs}"
+                rows.append(
+                    run_export(
+                        [*base, "--quantize", args.quantize, "--jobs", str(jobs), "-o", str(out)]
+                    )
+                )
+        elif args.case == "requantize":
+            out = Path(tmp) / "bundle"
+            rows.append(run_export([*base, "--quantize", "fp16", "-o", str(out)]))
+            rows.append(run_export([*base, "--quantize", "int8", "--resume", "-o", str(out)]))
+        else:
+            profile = one_graph_profile(Path(tmp))
+            out = Path(tmp) / "one"
+            rows.append(
+                run_export(
+                    [*base, "--quantize", args.quantize, "--profile", str(profile), "-o", str(out)]
+                )
+            )
+    table = Table(title=f"sora-export at scale ({args.case})", header_style="bold")
+    for col in ("command", "wall s", "peak RSS (tree)", "bundle", "chunks", "cached"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["args"],
+            f"{r['wall_seconds']:.1f}",
+            f"{r['peak_tree_rss_bytes'] / 1e9:.2f} GB",
+            f"{r['bundle_bytes'] / 1e9:.2f} GB",
+            str(r["chunks"]),
+            str(r["cached_chunks"]),
+        )
+    console.print(table)
+    if len(rows) == 2 and args.case == "jobs":
+        console.print(
+            f"speed-up jobs {args.jobs[1]} vs {args.jobs[0]}: "
+            f"{rows[0]['wall_seconds'] / rows[1]['wall_seconds']:.2f}x"
+        )
+    if args.case == "requantize":
+        console.print(
+            f"re-quantize / cold: {rows[1]['wall_seconds'] / rows[0]['wall_seconds']:.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
