@@ -430,177 +430,157 @@ def _lower_precision(policy: str) -> str:
     return "fp32" if policy == "fp32" else "fp16"
 
 
-def _export_target(
-    chunk: Chunk,
-    prepared: _Prepared,
-    target: str,
-    policy: str,
-    plan: ExportPlan,
-    registry: Registry,
-    active: set[str],
-    stage_dir: Path,
-    timings: dict[str, float],
-    sink: EventSink,
-) -> tuple[Artifact, Verification | None, str, list[str]]:
-    """Lower, quantize, save and verify one chunk for one target.
+@attrs.define
+class _TargetExport:
+    """Lowering, quantizing, saving and verifying one prepared chunk for one target."""
 
-    Returns the artifact, its verification, the policy finally used and notes. An fp16
-    chunk whose reference activations would overflow fp16, or whose fp16 artifact fails
-    the fidelity gate, is lowered again in fp32, and the notes say why.
-    """
-    backend = get_backend(target)
-    notes: list[str] = []
-    forced = plan.request.quantize is not None  # the user insists: no silent widening
-    if (
-        not forced
-        and _lower_precision(policy) == "fp16"
-        and prepared.max_activation is not None
-        and prepared.max_activation > FP16_MAX * FP16_HEADROOM
-    ):
-        notes.append(
-            f"kept fp32: an input or reference activation reaches "
-            f"{prepared.max_activation:.3g}, beyond {FP16_HEADROOM:.0%} of the fp16 range "
-            f"({FP16_MAX:.0f}); fp16 would overflow"
-        )
-        policy = "fp32"
-    if policy == "auto":
-        return _export_auto(
-            chunk, prepared, target, plan, registry, active, stage_dir, timings, sink, notes
-        )
-    while True:
-        artifact, verification = _lower_save_verify(
-            chunk,
-            prepared,
-            target,
-            policy,
-            backend,
-            plan,
-            registry,
-            active,
-            stage_dir,
-            timings,
-            sink,
-        )
+    chunk: Chunk
+    prepared: _Prepared
+    target: str
+    plan: ExportPlan
+    registry: Registry
+    active: set[str]
+    stage_dir: Path
+    timings: dict[str, float]
+    sink: EventSink
+    notes: list[str] = attrs.Factory(list)
+
+    @property
+    def forced(self) -> bool:
+        """The user named the policy: never widen it silently."""
+        return self.plan.request.quantize is not None
+
+    @property
+    def overflows_fp16(self) -> bool:
+        act = self.prepared.max_activation
+        return act is not None and act > FP16_MAX * FP16_HEADROOM
+
+    def export(self, policy: str) -> tuple[Artifact, Verification | None, str, list[str]]:
+        """Returns the artifact, its verification, the policy finally used and notes.
+
+        An fp16 chunk whose inputs or reference activations would overflow fp16, or whose
+        fp16 artifact fails the fidelity gate, is lowered again in fp32, and the notes say
+        why (unless ``--quantize`` forced the policy).
+        """
+        if not self.forced and _lower_precision(policy) == "fp16" and self.overflows_fp16:
+            self.notes.append(
+                f"kept fp32: an input or reference activation reaches "
+                f"{self.prepared.max_activation:.3g}, beyond {FP16_HEADROOM:.0%} of the fp16 "
+                f"range ({FP16_MAX:.0f}); fp16 would overflow"
+            )
+            policy = "fp32"
+        if policy == "auto":
+            return self.export_auto()
+        artifact, verification = self.lower_save_verify(policy)
         if (
             verification is not None
             and not verification.passed
             and not verification.error
             and policy == "fp16"
-            and not forced
+            and not self.forced
         ):
-            notes.append(
+            self.notes.append(
                 f"fp16 failed the fidelity gate ({verification.psnr_db:.1f} dB < "
                 f"{verification.threshold_db:.0f} dB); fell back to fp32"
             )
             policy = "fp32"
-            continue
-        return artifact, verification, policy, notes
+            artifact, verification = self.lower_save_verify(policy)
+        return artifact, verification, policy, self.notes
 
-
-# ``--quantize auto`` tries these from the smallest stored size up and keeps the first that
-# passes its fidelity gate (fp32 last: it always exists as the fallback).
-AUTO_ORDER = ("palettize4", "int4-block", "palettize6", "int8", "palettize8", "fp16", "fp32")
-
-
-def _export_auto(
-    chunk: Chunk,
-    prepared: _Prepared,
-    target: str,
-    plan: ExportPlan,
-    registry: Registry,
-    active: set[str],
-    stage_dir: Path,
-    timings: dict[str, float],
-    sink: EventSink,
-    notes: list[str],
-) -> tuple[Artifact, Verification | None, str, list[str]]:
-    """Per chunk, the smallest policy whose artifact passes the gate (needs verification)."""
-    backend = get_backend(target)
-    tried = []
-    artifact = verification = None
-    candidates = AUTO_ORDER
-    if prepared.max_activation is not None and prepared.max_activation > FP16_MAX * FP16_HEADROOM:
-        candidates = ("fp32",)  # every other policy computes in fp16
-        tried.append("fp16-family skipped: activations beyond the fp16 range")
-    for candidate in candidates:
-        try:
-            artifact, verification = _lower_save_verify(
-                chunk,
-                prepared,
-                target,
-                candidate,
-                backend,
-                plan,
-                registry,
-                active,
-                stage_dir,
-                timings,
-                sink,
-            )
-        except ExportError as exc:
-            if "no plugin quantizes" not in str(exc):
-                raise
-            tried.append(f"{candidate} unsupported")
-            continue
-        assert verification is not None  # plan() refuses auto without verification
-        tried.append(f"{candidate} {verification.psnr_db:.1f} dB")
-        if verification.passed:
-            notes.append("auto chose " + candidate + " (tried: " + ", ".join(tried) + ")")
-            return artifact, verification, candidate, notes
-    raise ExportError(f"{chunk.key}: no policy passed its fidelity gate ({', '.join(tried)})")
-
-
-def _lower_save_verify(
-    chunk: Chunk,
-    prepared: _Prepared,
-    target: str,
-    policy: str,
-    backend: Any,
-    plan: ExportPlan,
-    registry: Registry,
-    active: set[str],
-    stage_dir: Path,
-    timings: dict[str, float],
-    sink: EventSink,
-) -> tuple[Artifact, Verification | None]:
-    profile = plan.profile
-    sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
-    models: dict[str, Any] = {}
-    for variant, program in prepared.programs.items():
-        with _timed(timings, "lower"):
+    def export_auto(self) -> tuple[Artifact, Verification | None, str, list[str]]:
+        """The smallest policy whose artifact passes its gate (plan() ensures verification)."""
+        tried = []
+        candidates = AUTO_ORDER
+        if self.overflows_fp16:
+            candidates = ("fp32",)  # every other policy computes in fp16
+            tried.append("fp16-family skipped: activations beyond the fp16 range")
+        for candidate in candidates:
             try:
-                model = backend.lower(program, chunk, profile, _lower_precision(policy))
-            except Exception as exc:
-                raise ExportError(
-                    f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-        if policy not in ("fp32", "fp16"):
-            sink(Event("stage", chunk.key, "quantize", policy))
-            with _timed(timings, "quantize"):
-                quantized = registry.call(
-                    "sora_export_quantize",
-                    active,
-                    firstresult=True,
-                    artifact=model,
-                    policy=policy,
-                    chunk=chunk,
-                    target=target,
-                    profile=profile,
+                artifact, verification = self.lower_save_verify(candidate)
+            except ExportError as exc:
+                if "no plugin quantizes" not in str(exc):
+                    raise
+                tried.append(f"{candidate} unsupported")
+                continue
+            assert verification is not None
+            tried.append(f"{candidate} {verification.psnr_db:.1f} dB")
+            if verification.passed:
+                self.notes.append(f"auto chose {candidate} (tried: {', '.join(tried)})")
+                return artifact, verification, candidate, self.notes
+        raise ExportError(
+            f"{self.chunk.key}: no policy passed its fidelity gate ({', '.join(tried)})"
+        )
+
+    def lower_save_verify(self, policy: str) -> tuple[Artifact, Verification | None]:
+        chunk, target, timings, profile = self.chunk, self.target, self.timings, self.plan.profile
+        backend = get_backend(target)
+        self.sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
+        models: dict[str, Any] = {}
+        for variant, program in self.prepared.programs.items():
+            with _timed(timings, "lower"):
+                try:
+                    model = backend.lower(program, chunk, profile, _lower_precision(policy))
+                except Exception as exc:
+                    raise ExportError(
+                        f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+            if policy not in ("fp32", "fp16"):
+                self.sink(Event("stage", chunk.key, "quantize", policy))
+                with _timed(timings, "quantize"):
+                    model = self.quantize(model, policy)
+            models[variant] = model
+        self.sink(Event("stage", chunk.key, "save", target))
+        with _timed(timings, "save"):
+            final, functions = self.save(backend, models)
+        del models
+        artifact = Artifact(
+            target=target,
+            path=str(final.relative_to(self.stage_dir)),
+            bytes=tree_bytes(final),
+            sha256=tree_sha256(final),
+            functions=functions,
+        )
+        verification = None
+        if self.plan.verify:
+            self.sink(Event("stage", chunk.key, "verify", target))
+            with _timed(timings, "verify"):
+                verification = verify_artifact(
+                    final,
+                    target,
+                    self.prepared.inputs,
+                    self.prepared.references,
+                    profile.threshold_for(policy),
+                    self.prepared.reference_seconds,
                 )
-            if quantized is None:
-                raise ExportError(
-                    f"{chunk.key}: no plugin quantizes {target} artifacts with policy {policy!r}"
-                )
-            model = quantized
-        models[variant] = model
-    sink(Event("stage", chunk.key, "save", target))
-    folder = stage_dir / chunk.component
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
-    # coremltools insists on the .mlpackage suffix, so the temp name keeps it
-    tmp = folder / f".tmp-{os.getpid()}-{final.name}"
-    remove_path(tmp)
-    with _timed(timings, "save"):
+        return artifact, verification
+
+    def quantize(self, model: Any, policy: str) -> Any:
+        quantized = self.registry.call(
+            "sora_export_quantize",
+            self.active,
+            firstresult=True,
+            artifact=model,
+            policy=policy,
+            chunk=self.chunk,
+            target=self.target,
+            profile=self.plan.profile,
+        )
+        if quantized is None:
+            raise ExportError(
+                f"{self.chunk.key}: no plugin quantizes {self.target} artifacts with "
+                f"policy {policy!r}"
+            )
+        return quantized
+
+    def save(self, backend: Any, models: dict[str, Any]) -> tuple[Path, tuple[str, ...]]:
+        """Write under a temp name, then rename into place: never half a package."""
+        chunk = self.chunk
+        folder = self.stage_dir / chunk.component
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
+        # coremltools insists on the .mlpackage suffix, so the temp name keeps it
+        tmp = folder / f".tmp-{os.getpid()}-{final.name}"
+        remove_path(tmp)
         try:
             functions = backend.save(models, tmp)
             atomic_replace(tmp, final)
@@ -613,27 +593,12 @@ def _lower_save_verify(
         except BaseException:
             remove_path(tmp)
             raise
-    del models
-    artifact = Artifact(
-        target=target,
-        path=str(final.relative_to(stage_dir)),
-        bytes=tree_bytes(final),
-        sha256=tree_sha256(final),
-        functions=functions,
-    )
-    verification = None
-    if plan.verify:
-        sink(Event("stage", chunk.key, "verify", target))
-        with _timed(timings, "verify"):
-            verification = verify_artifact(
-                final,
-                target,
-                prepared.inputs,
-                prepared.references,
-                profile.threshold_for(policy),
-                prepared.reference_seconds,
-            )
-    return artifact, verification
+        return final, functions
+
+
+# ``--quantize auto`` tries these from the smallest stored size up and keeps the first that
+# passes its fidelity gate (fp32 last: it always exists as the fallback).
+AUTO_ORDER = ("palettize4", "int4-block", "palettize6", "int8", "palettize8", "fp16", "fp32")
 
 
 def verify_artifact(
@@ -705,18 +670,10 @@ def export_chunk(
     for target in plan.targets:
         t_timings = dict(timings)
         try:
-            artifact, verification, used, notes = _export_target(
-                chunk,
-                prepared,
-                target,
-                policies[target],
-                plan,
-                registry,
-                active,
-                stage_dir,
-                t_timings,
-                sink,
+            job = _TargetExport(
+                chunk, prepared, target, plan, registry, active, stage_dir, t_timings, sink
             )
+            artifact, verification, used, notes = job.export(policies[target])
         except SoraExportError as exc:
             results.append(_failed(chunk, target, policies[target], t_timings, str(exc)))
             continue
