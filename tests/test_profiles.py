@@ -39,7 +39,8 @@ def test_builtin_iphone15pro() -> None:
     assert latents == {"256x256x68": (20, 32, 32), "192x192x68": (20, 24, 24)}
     assert profile.default_shape.name == "256x256x68"
     assert profile.quantization.for_chunk("t5", "blocks-00-05") == "int8"
-    assert profile.quantization.for_chunk("stdit3", "input") == "fp16"
+    assert profile.quantization.for_chunk("stdit3", "input") == "fp32"
+    assert profile.quantization.for_chunk("stdit3", "blocks-00-14") == "fp16"
     assert profile.threshold_for("fp32") == 60 and profile.threshold_for("fp16") == 35
 
 
