@@ -2,8 +2,10 @@
 
 ``verify`` re-checks an existing bundle from its manifest: every artifact must exist with
 the recorded SHA-256, and every chunk is re-run against a PyTorch reference rebuilt from
-the manifest's request (same plugins, profile, size, seed and weights). Exit 1 if any
-artifact fails.
+the manifest's request (same plugins, profile, size, seed and weights). With
+``--pipeline`` it also runs the bundle-level checks of :mod:`sora_export.core.verify.pipeline`
+(component chains by manifest wiring, the text-to-video pipeline) and writes a frame strip.
+Exit 1 if any artifact or check fails.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
 from sora_export.core.backends import tree_sha256
 from sora_export.core.errors import UsageError
-from sora_export.core.types import ExportRequest, Verification
+from sora_export.core.types import ExportPlan, ExportRequest, Verification
+from sora_export.core.verify.pipeline import FRAMES_FILE
+
+if TYPE_CHECKING:
+    from sora_export.core.registry import Registry
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -50,28 +56,36 @@ class ArtifactCheck:
         return self.integrity == "ok" and (self.verification is None or self.verification.passed)
 
 
+def plan_from_manifest(bundle: Path, manifest: dict[str, Any], registry: Registry) -> ExportPlan:
+    """The export plan a bundle was made from, rebuilt from the manifest's ``request``
+    (same plugins, profile, size, seed, weights; verification on)."""
+    from sora_export.core import engine
+
+    req = manifest.get("request", {})
+    request = ExportRequest(
+        plugins=tuple(req.get("plugins", ())),
+        profile=req.get("profile", manifest["profile"]["name"]),
+        output=bundle,
+        weights={k: Path(v) for k, v in req.get("weights", {}).items()},
+        size=req.get("size", "tiny"),
+        targets=tuple(req.get("targets", ())),
+        quantize=req.get("quantize"),
+        verify=True,
+        seed=req.get("seed", 0),
+    )
+    return engine.plan(request, registry)
+
+
 def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
     """Check integrity of every artifact, and (``numeric``) re-run it against PyTorch."""
     from sora_export.core import engine
     from sora_export.core.registry import Registry
 
     manifest = read_manifest(bundle)
-    req = manifest.get("request", {})
     plan = None
     if numeric:
-        request = ExportRequest(
-            plugins=tuple(req.get("plugins", ())),
-            profile=req.get("profile", manifest["profile"]["name"]),
-            output=bundle,
-            weights={k: Path(v) for k, v in req.get("weights", {}).items()},
-            size=req.get("size", "tiny"),
-            targets=tuple(req.get("targets", ())),
-            quantize=req.get("quantize"),
-            verify=True,
-            seed=req.get("seed", 0),
-        )
         registry = Registry.discover()
-        plan = engine.plan(request, registry)
+        plan = plan_from_manifest(bundle, manifest, registry)
         chunks = {c.key: c for c in plan.chunks}
         active = set(plan.plugins)
     checks = []
@@ -139,7 +153,16 @@ def _verify_main(argv: Sequence[str]) -> int:
         action="store_true",
         help="check files and hashes only, without re-running PyTorch",
     )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also chain each component's artifacts by the manifest wiring and, with t5, "
+        "stdit3 and both VAE decoders, generate a short video through the artifacts and "
+        f"through PyTorch (frame strip in BUNDLE/{FRAMES_FILE})",
+    )
     args = p.parse_args(argv)
+    if args.pipeline and args.integrity_only:
+        raise UsageError("--pipeline runs the artifacts; it cannot go with --integrity-only")
     checks = verify_bundle(args.bundle, numeric=not args.integrity_only)
     table = Table(title=f"verify {args.bundle}", header_style="bold")
     for col in ("chunk", "target", "integrity", "backend", "PSNR dB", "max abs err", "status"):
@@ -159,9 +182,57 @@ def _verify_main(argv: Sequence[str]) -> int:
     failed = [c for c in checks if not c.passed]
     if failed:
         console.print(f"[bold red]{len(failed)} of {len(checks)} artifact(s) failed[/]")
-        return 1
-    console.print(f"[green]all {len(checks)} artifact(s) passed[/]")
-    return 0
+    else:
+        console.print(f"[green]all {len(checks)} artifact(s) passed[/]")
+    pipeline_ok = _verify_pipeline(args.bundle) if args.pipeline else True
+    return 0 if not failed and pipeline_ok else 1
+
+
+# -- sora-export verify --pipeline -----------------------------------------------------------
+def _verify_pipeline(bundle: Path) -> bool:
+    """Run the bundle-level checks, print one table row per check, write the frame strip.
+
+    Returns whether every check passed.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from sora_export.core.registry import Registry
+    from sora_export.core.report import console
+    from sora_export.core.verify.pipeline import pipeline_checks, write_frames
+
+    manifest = read_manifest(bundle)
+    plan = plan_from_manifest(bundle, manifest, Registry.discover())
+    checks = pipeline_checks(plan, bundle, manifest)
+    table = Table(title=f"pipeline checks {bundle}", header_style="bold")
+    for col in ("check", "target", "backend", "PSNR dB", "max abs err", "seconds", "status"):
+        table.add_column(col)
+    for c in checks:
+        v = c.verification
+        table.add_row(
+            c.name,
+            c.target,
+            v.backend,
+            f"{v.psnr_db:.1f} ≥{v.threshold_db:.0f}",
+            f"{v.max_abs_err:.3g}",
+            f"{v.seconds:.1f} / {v.reference_seconds:.1f}",
+            "[green]pass[/]" if c.passed else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    console.print("seconds: artifacts / PyTorch", style="dim")
+    for c in checks:
+        if c.verification.error or c.verification.note:
+            detail = escape(c.verification.error or c.verification.note)
+            console.print(f"[bold red]{c.name} ({c.target}):[/] {detail}", soft_wrap=True)
+    frames = write_frames(checks, bundle / FRAMES_FILE)
+    if frames is not None:
+        console.print(f"frames (top: PyTorch, then each target) written to {frames}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(checks)} pipeline check(s) failed[/]")
+        return False
+    console.print(f"[green]all {len(checks)} pipeline check(s) passed[/]")
+    return True
 
 
 def _inspect_main(argv: Sequence[str]) -> int:

@@ -987,10 +987,3 @@ def package(plan: ExportPlan, result: RunResult, registry: Registry, stage: Path
             manifest[key] = value
     _write_json(stage / "manifest.json", manifest)
     _write_json(stage / "report.json", build_report(plan, result))
-
-
-def export(request: ExportRequest, registry: Registry, sink: EventSink = _ignore) -> RunResult:
-    """Plan and run an export request (the library entry point behind the CLI)."""
-    the_plan = plan(request, registry)
-    sink(Event("plan", detail=str(len(the_plan.chunks))))
-    return run(the_plan, registry, sink)

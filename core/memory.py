@@ -40,14 +40,6 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def lifetime_peak_rss_bytes() -> int:
-    """Peak RSS over the whole process life (not affected by resets), plus finished children."""
-    scale = 1 if sys.platform == "darwin" else 1024
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return max(own, children)
-
-
 def _rss_and_ppid(pid: str) -> tuple[int, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import attrs
 
-Target = Literal["coreml", "onnx"]
 TARGETS: tuple[str, ...] = ("coreml", "onnx")
 QUANT_POLICIES: tuple[str, ...] = (
     "fp32",
