@@ -93,6 +93,10 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
+def verification_to_json(v: Verification) -> dict[str, Any]:
+    return {**attrs.asdict(v), "psnr_db": _finite(v.psnr_db), "max_abs_err": _finite(v.max_abs_err)}
+
+
 def result_to_json(r: ChunkResult) -> dict[str, Any]:
     return {
         "chunk": r.chunk_key,
@@ -110,13 +114,7 @@ def result_to_json(r: ChunkResult) -> dict[str, Any]:
         else None,
         "timings": {k: round(v, 4) for k, v in r.timings.items()},
         "peak_rss_bytes": r.peak_rss_bytes,
-        "verification": None
-        if r.verification is None
-        else {
-            **{k: v for k, v in attrs.asdict(r.verification).items()},
-            "psnr_db": _finite(r.verification.psnr_db),
-            "max_abs_err": _finite(r.verification.max_abs_err),
-        },
+        "verification": None if r.verification is None else verification_to_json(r.verification),
         "error": r.error,
         "notes": list(r.notes),
         "cached": r.cached,
@@ -257,4 +255,13 @@ def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
         "targets": list(plan.targets),
         "verify": plan.verify,
         "chunks": [result_to_json(r) for r in result.results],
+        "pipeline_checks": [
+            {
+                "name": c.name,
+                "target": c.target,
+                "passed": c.passed,
+                "verification": verification_to_json(c.verification),
+            }
+            for c in result.checks
+        ],
     }

@@ -798,6 +798,8 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         peak_rss_bytes=max(run_peak, sampler.peak),
     )
     package(plan, result, registry, stage)
+    if plan.verify and len(plan.components) > 1:
+        result = _pipeline_checks(plan, result, stage, sink)
     if not result.ok:
         raise ExportFailed(result, stage)
     # publish: the old bundle (if --force/--resume) is replaced only now
@@ -806,6 +808,27 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         atomic_replace(stage, request.output)
     else:
         os.replace(stage, request.output)
+    return result
+
+
+def _pipeline_checks(
+    plan: ExportPlan, result: RunResult, stage: Path, sink: EventSink
+) -> RunResult:
+    """Chain each component's artifacts (and, for t5+stdit3+VAEs, text-to-video for two
+    sampler steps) against PyTorch; write the frame strip and add the checks to the report.
+
+    Run for multi-component bundles when verifying; ``sora-export verify --pipeline`` runs
+    the same checks on any bundle later.
+    """
+    from sora_export.core.verify.pipeline import FRAMES_FILE, pipeline_checks, write_frames
+
+    if not all(r.ok for r in result.results):
+        return result  # the per-chunk failures already say what is wrong
+    sink(Event("stage", "bundle", "pipeline checks"))
+    checks = tuple(pipeline_checks(plan, stage))
+    write_frames(checks, stage / FRAMES_FILE)
+    result = attrs.evolve(result, checks=checks)
+    _write_json(stage / "report.json", build_report(plan, result))
     return result
 
 

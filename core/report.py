@@ -131,6 +131,14 @@ def print_report(result: RunResult, out: Console = console) -> None:
         v = r.verification
         if v and (v.note or v.error):
             out.print(f"[red]verify[/] {r.chunk_key} ({r.target}): {escape(v.error or v.note)}")
+    for c in result.checks:
+        v = c.verification
+        status = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        detail = f": {escape(v.error or v.note)}" if (v.error or v.note) else ""
+        out.print(
+            f"pipeline check {c.name} ({c.target}): {v.psnr_db:.1f} dB "
+            f"(≥{v.threshold_db:.0f}), max err {v.max_abs_err:.3g} {status}{detail}"
+        )
     total = sum(r.artifact.bytes for r in result.results if r.artifact)
     budget = result.plan.profile.memory_budget_bytes
     out.print(

@@ -373,7 +373,10 @@ class RunResult:
     results: tuple[ChunkResult, ...] = attrs.field(converter=tuple)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    # bundle-level checks (core.verify.pipeline): each has .name, .target, .passed and
+    # .verification
+    checks: tuple[Any, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return all(r.ok for r in self.results) and all(c.passed for c in self.checks)

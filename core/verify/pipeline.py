@@ -435,6 +435,29 @@ def _text_to_video(
     return video[0].float().numpy()
 
 
+def _link_error(plan: ExportPlan) -> str:
+    """Why T5's caption cannot feed STDiT3 in this plan ("" when it can).
+
+    The guidance batch turns t5 ``y`` [1, L, C] into stdit3 ``y`` [2, 1, L, C] and the
+    text mask [1, L] into [2, L]; anything else would fail deep inside a chunk with a
+    message about matrix shapes.
+    """
+    by_name = {c.spec.name: c for c in plan.components}
+    t5_y = next(s for s in by_name[T5].chunks[-1].outputs if s.name == _T5_OUTPUT)
+    t5_mask = next(s for s in by_name[T5].chunks[0].inputs if s.name == _T5_MASK)
+    stdit_in = {s.name: s for s in by_name[STDIT3].chunks[0].inputs}
+    y, mask = stdit_in["y"], stdit_in["mask"]
+    if tuple(y.shape[1:]) != (1, *t5_y.shape[1:]) or tuple(mask.shape[1:]) != tuple(
+        t5_mask.shape[1:]
+    ):
+        return (
+            f"t5 output y {list(t5_y.shape)} (mask {list(t5_mask.shape)}) cannot feed stdit3 "
+            f"input y {list(y.shape)} (mask {list(mask.shape)}): caption length and width "
+            "must match (T5 d_model = STDiT3 caption_channels, max_length = model_max_length)"
+        )
+    return ""
+
+
 def _bundle_null_caption(bundle: Path, manifest: Mapping[str, Any]) -> torch.Tensor:
     section = manifest.get(STDIT3, {}).get("null_caption")
     if not section:
@@ -474,6 +497,8 @@ def check_text_to_video(
     by_name = {c.spec.name: c for c in plan.components}
     try:
         threshold = _threshold(plan, manifest, TEXT_TO_VIDEO, target)
+        if error := _link_error(plan):
+            raise ValueError(error)
         artifact_pipe = _Pipeline(
             *(manifest_chunks(plan, manifest, name, target) for name in TEXT_TO_VIDEO),
             null_caption=_bundle_null_caption(bundle, manifest),

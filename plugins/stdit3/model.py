@@ -124,9 +124,10 @@ class STDiT3Config:
 
 
 STDIT3_CONFIGS: dict[str, STDiT3Config] = {
-    # Small enough to build, run and export in a couple of seconds.
+    # Small enough to build, run and export in a couple of seconds; captions are as wide
+    # as the tiny T5's output (d_model 64, 16 tokens) so tiny pipelines chain.
     "tiny": STDiT3Config(
-        depth=4, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16
+        depth=4, hidden_size=64, num_heads=4, caption_channels=64, model_max_length=16
     ),
     # STDiT3-XL/2 as released ("OpenSora-STDiT-v3").
     "full": STDiT3Config(depth=28, hidden_size=1152, num_heads=16),
