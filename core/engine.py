@@ -799,7 +799,7 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
     )
     package(plan, result, registry, stage)
     if plan.verify and len(plan.components) > 1:
-        result = _pipeline_checks(plan, result, stage, sink)
+        result = _pipeline_checks(plan, result, stage, sink, start)
     if not result.ok:
         raise ExportFailed(result, stage)
     # publish: the old bundle (if --force/--resume) is replaced only now
@@ -812,7 +812,7 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
 
 
 def _pipeline_checks(
-    plan: ExportPlan, result: RunResult, stage: Path, sink: EventSink
+    plan: ExportPlan, result: RunResult, stage: Path, sink: EventSink, start: float
 ) -> RunResult:
     """Chain each component's artifacts (and, for t5+stdit3+VAEs, text-to-video for two
     sampler steps) against PyTorch; write the frame strip and add the checks to the report.
@@ -827,7 +827,7 @@ def _pipeline_checks(
     sink(Event("stage", "bundle", "pipeline checks"))
     checks = tuple(pipeline_checks(plan, stage))
     write_frames(checks, stage / FRAMES_FILE)
-    result = attrs.evolve(result, checks=checks)
+    result = attrs.evolve(result, checks=checks, seconds=time.perf_counter() - start)
     _write_json(stage / "report.json", build_report(plan, result))
     return result
 
@@ -946,11 +946,12 @@ class ExportFailed(ExportError):
     def __init__(self, result: RunResult, stage: Path) -> None:
         self.result = result
         self.stage = stage
-        failed = [r for r in result.results if not r.ok]
-        names = ", ".join(f"{r.chunk_key} ({r.target})" for r in failed[:5])
+        failed = [f"{r.chunk_key} ({r.target})" for r in result.results if not r.ok]
+        failed += [f"pipeline check {c.name} ({c.target})" for c in result.checks if not c.passed]
+        names = ", ".join(failed[:5]) + (f", ... (+{len(failed) - 5})" if len(failed) > 5 else "")
         super().__init__(
-            f"{len(failed)} chunk(s) failed: {names}. Finished chunks are kept in "
-            f"{str(stage)!r}; fix the cause and rerun with --resume"
+            f"failed: {names}. Finished chunks are kept in {str(stage)!r}; fix the cause and "
+            "rerun with --resume"
         )
 
 
