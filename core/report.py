@@ -139,6 +139,15 @@ def print_report(result: RunResult, out: Console = console) -> None:
             f"pipeline check {c.name} ({c.target}): {v.psnr_db:.1f} dB "
             f"(≥{v.threshold_db:.0f}), max err {v.max_abs_err:.3g} {status}{detail}"
         )
+    verified = [r.verification for r in result.results if r.verification]
+    if verified:
+        run = sum(v.seconds for v in verified)
+        ref = sum(v.reference_seconds for v in verified)
+        load = sum(v.load_seconds for v in verified)
+        out.print(
+            f"verification ran the artifacts in {run:.2f} s ({verified[0].backend}; "
+            f"+{load:.2f} s loading) vs {ref:.2f} s for the PyTorch references"
+        )
     total = sum(r.artifact.bytes for r in result.results if r.artifact)
     budget = result.plan.profile.memory_budget_bytes
     out.print(

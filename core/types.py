@@ -321,8 +321,9 @@ class Verification:
     finite: bool
     threshold_db: float
     passed: bool
-    seconds: float = 0.0
-    reference_seconds: float = 0.0
+    seconds: float = 0.0  # running the artifact (all functions), load excluded
+    reference_seconds: float = 0.0  # running the PyTorch reference (all functions)
+    load_seconds: float = 0.0  # loading the artifact (interpreter: reading and decoding)
     note: str = ""
     error: str = ""  # the runner itself failed (not a fidelity verdict)
 

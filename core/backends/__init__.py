@@ -41,8 +41,17 @@ class Backend(Protocol):
         """
         ...
 
+    def load(self, path: Path, function: str) -> Any:
+        """Prepare (and cache) a saved artifact's function for running."""
+        ...
+
     def run(self, path: Path, inputs: dict[str, Any], function: str) -> dict[str, Any]:
-        """Run a saved artifact on numpy inputs (for verification)."""
+        """Run a saved artifact on numpy inputs (for verification); loads if needed."""
+        ...
+
+    @staticmethod
+    def runner_name() -> str:
+        """What runs the artifacts here (``mil-interpreter``, ``onnxruntime``, ...)."""
         ...
 
 

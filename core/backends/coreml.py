@@ -87,23 +87,51 @@ class CoreMLBackend:
         del ct
         return tuple(models)
 
-    def run(self, path: Path, inputs: dict[str, Any], function: str = "main") -> dict[str, Any]:
-        """Real Core ML prediction on macOS; the MIL reference interpreter elsewhere."""
-        from sora_export.core.verify.mil_interpreter import (
-            coreml_predict_available,
-            run_mlpackage,
-        )
+    def load(self, path: Path, function: str = "main") -> Any:
+        """A ready runner for one function of a saved package (cached: the last two).
 
-        if not coreml_predict_available():
-            return run_mlpackage(path, inputs, function=function)
-        ct = quiet_coremltools()
-        kwargs = {} if function == "main" else {"function_name": function}
-        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY, **kwargs)
-        out = model.predict({k: np.asarray(v) for k, v in inputs.items()})
-        return {k: np.asarray(v) for k, v in out.items()}
+        Real Core ML on macOS; the MIL reference interpreter elsewhere. Loading decodes
+        the weights, so verification times it apart from the run.
+        """
+        # keyed by every file's identity, so a rewritten package is never served stale
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        stamp = tuple(
+            (str(f), f.stat().st_ino, f.stat().st_size, f.stat().st_mtime_ns) for f in files
+        )
+        key = (str(Path(path).resolve()), function, stamp)
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            runner = _load_runner(Path(path), function)
+            _RUNNERS[key] = runner
+            while len(_RUNNERS) > 2:
+                _RUNNERS.pop(next(iter(_RUNNERS)))
+        return runner
+
+    def run(self, path: Path, inputs: dict[str, Any], function: str = "main") -> dict[str, Any]:
+        """Run one function of a saved package on numpy inputs."""
+        return self.load(path, function)(inputs)
 
     @staticmethod
     def runner_name() -> str:
         from sora_export.core.verify.mil_interpreter import coreml_predict_available
 
         return "coreml-predict" if coreml_predict_available() else "mil-interpreter"
+
+
+_RUNNERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _load_runner(path: Path, function: str) -> Any:
+    from sora_export.core.verify.mil_interpreter import MILInterpreter, coreml_predict_available
+
+    if not coreml_predict_available():
+        return MILInterpreter(path, function=function).run
+    ct = quiet_coremltools()
+    kwargs = {} if function == "main" else {"function_name": function}
+    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY, **kwargs)
+
+    def predict(inputs: dict[str, Any]) -> dict[str, Any]:
+        out = model.predict({k: np.asarray(v) for k, v in inputs.items()})
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    return predict

@@ -288,6 +288,16 @@ class ONNXBackend:
             onnx.checker.check_model(str(file), full_check=True)
         return tuple(models)
 
+    def load(self, path: Path, function: str = "main") -> Any:
+        """The (cached) ONNX Runtime session of ``path/<function>.onnx``."""
+        file = Path(path) / f"{function}.onnx"
+        if not file.is_file():
+            have = sorted(p.stem for p in Path(path).glob("*.onnx"))
+            raise FileNotFoundError(
+                f"{str(path)!r} has no ONNX function {function!r} (functions: {have})"
+            )
+        return _SESSIONS.get(file)
+
     def run(
         self, path: Path, inputs: dict[str, np.ndarray], function: str = "main"
     ) -> dict[str, np.ndarray]:
@@ -298,12 +308,7 @@ class ONNXBackend:
         stamp, so a rewritten artifact is never served from a stale session.
         """
         file = Path(path) / f"{function}.onnx"
-        if not file.is_file():
-            have = sorted(p.stem for p in Path(path).glob("*.onnx"))
-            raise FileNotFoundError(
-                f"{str(path)!r} has no ONNX function {function!r} (functions: {have})"
-            )
-        session = _SESSIONS.get(file)
+        session = self.load(path, function)
         names = [i.name for i in session.get_inputs()]
         missing = [n for n in names if n not in inputs]
         if missing:
