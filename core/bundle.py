@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from sora_export.core.errors import UsageError
 from sora_export.core.types import (
     Artifact,
     ChunkResult,
@@ -265,3 +266,17 @@ def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
             for c in result.checks
         ],
     }
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """``bundle/manifest.json``, checked to be a sora-export manifest (else UsageError)."""
+    path = bundle / "manifest.json"
+    if not path.exists():
+        raise UsageError(f"{str(bundle)!r} is not a sora-export bundle (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != "sora-export-bundle":
+        raise UsageError(f"{str(path)!r} is not a sora-export manifest")
+    return manifest

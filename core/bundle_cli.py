@@ -11,7 +11,6 @@ Exit 1 if any artifact or check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,25 +20,13 @@ import attrs
 import torch
 
 from sora_export.core.backends import tree_sha256
+from sora_export.core.bundle import read_manifest
 from sora_export.core.errors import UsageError
 from sora_export.core.types import ExportPlan, ExportRequest, Verification
 from sora_export.core.verify.pipeline import FRAMES_FILE
 
 if TYPE_CHECKING:
     from sora_export.core.registry import Registry
-
-
-def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = bundle / "manifest.json"
-    if not path.exists():
-        raise UsageError(f"{str(bundle)!r} is not a sora-export bundle (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UsageError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != "sora-export-bundle":
-        raise UsageError(f"{str(path)!r} is not a sora-export manifest")
-    return manifest
 
 
 @attrs.frozen

@@ -22,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sora_export.core.backends import tree_sha256
-from sora_export.core.bundle_cli import plan_from_manifest, read_manifest, verify_bundle
+from sora_export.core.bundle import read_manifest
+from sora_export.core.bundle_cli import plan_from_manifest, verify_bundle
 from sora_export.core.cli import main
 from sora_export.core.registry import Registry
 from sora_export.core.types import ExportPlan

@@ -14,7 +14,6 @@ of an export and ``sora-export verify BUNDLE --pipeline`` alike.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from sora_export.core.backends import get_backend
+from sora_export.core.bundle import read_manifest
 from sora_export.core.types import Chunk, ExportPlan, TensorSpec, Verification
 from sora_export.core.verify.chain import ChunkRunner, run_chain, torch_runner
 from sora_export.core.verify.metrics import compare
@@ -85,11 +85,6 @@ class PipelineCheck:
 
 
 # -- the bundle as a runtime sees it ---------------------------------------------------------
-def read_bundle_manifest(bundle: Path) -> dict[str, Any]:
-    """``bundle/manifest.json`` as a dict (no validation beyond JSON)."""
-    return json.loads((Path(bundle) / "manifest.json").read_text())
-
-
 def _component_entry(manifest: Mapping[str, Any], component: str, target: str) -> dict[str, Any]:
     for entry in manifest.get("components", []):
         if entry.get("name") == component and entry.get("target") == target:
@@ -277,7 +272,7 @@ def check_component_chain(
     returned check's verification (``error`` when a chain could not run).
     """
     bundle = Path(bundle)
-    manifest = read_bundle_manifest(bundle) if manifest is None else manifest
+    manifest = read_manifest(bundle) if manifest is None else manifest
     runner = ArtifactRunner(bundle, manifest, target)
     planned = next((c for c in plan.components if c.spec.name == component), None)
     if planned is None:
@@ -329,7 +324,7 @@ def check_component_chains(
     plan: ExportPlan, bundle: Path, target: str, manifest: Mapping[str, Any] | None = None
 ) -> list[ChainCheck]:
     """:func:`check_component_chain` for every component of the plan, in pipeline order."""
-    manifest = read_bundle_manifest(Path(bundle)) if manifest is None else manifest
+    manifest = read_manifest(Path(bundle)) if manifest is None else manifest
     return [
         check_component_chain(plan, bundle, target, comp.spec.name, manifest)
         for comp in plan.components
@@ -499,7 +494,7 @@ def check_text_to_video(
     if not has_text_to_video(plan):
         raise ValueError(f"the text-to-video check needs components {', '.join(TEXT_TO_VIDEO)}")
     bundle = Path(bundle)
-    manifest = read_bundle_manifest(bundle) if manifest is None else manifest
+    manifest = read_manifest(bundle) if manifest is None else manifest
     runner = ArtifactRunner(bundle, manifest, target)
     by_name = {c.spec.name: c for c in plan.components}
     try:
@@ -558,7 +553,7 @@ def pipeline_checks(
     :func:`check_component_chains`, then :func:`check_text_to_video` when the plan holds
     the whole text-to-video pipeline."""
     bundle = Path(bundle)
-    manifest = read_bundle_manifest(bundle) if manifest is None else manifest
+    manifest = read_manifest(bundle) if manifest is None else manifest
     present = {entry.get("target") for entry in manifest.get("components", [])}
     checks: list[BundleCheck] = []
     for target in (t for t in plan.targets if t in present):
