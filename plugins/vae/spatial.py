@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sora_export.plugins.vae.temporal import MICRO_FRAME_SIZE
+from sora_export.plugins.vae.temporal import MICRO_FRAME_SIZE, check_consecutive_stages
 
 __all__ = [
     "SPATIAL_VAE_CONFIGS",
@@ -149,17 +149,6 @@ def spatial_stage_names(cfg: SpatialVAEConfig) -> list[str]:
     return ["in", "mid", *(f"up.{i}" for i in range(cfg.num_levels)), "out"]
 
 
-def _check_consecutive(names: Sequence[str], all_names: list[str]) -> None:
-    unknown = [n for n in names if n not in all_names]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known stages: {all_names}")
-    if not names:
-        raise ValueError("at least one stage is required")
-    first = all_names.index(names[0])
-    if list(names) != all_names[first : first + len(names)]:
-        raise ValueError(f"stages must be consecutive and in order {all_names}, got {names}")
-
-
 class _SpatialDecoderPart(nn.Module):
     """A run of consecutive spatial-decoder stages under diffusers key names.
 
@@ -169,7 +158,7 @@ class _SpatialDecoderPart(nn.Module):
 
     def __init__(self, cfg: SpatialVAEConfig, stages: Sequence[str]) -> None:
         super().__init__()
-        _check_consecutive(stages, spatial_stage_names(cfg))
+        check_consecutive_stages(stages, spatial_stage_names(cfg))
         self.cfg = cfg
         self.stage_names: tuple[str, ...] = tuple(stages)
         top = cfg.block_out_channels[-1]

@@ -53,6 +53,7 @@ __all__ = [
     "TemporalVAEDecoder",
     "build_temporal_chunk",
     "build_temporal_stage",
+    "check_consecutive_stages",
     "depth_to_time",
     "temporal_stage_names",
     "temporal_stage_param_count",
@@ -201,7 +202,8 @@ def temporal_stage_names(cfg: TemporalVAEConfig) -> list[str]:
     return ["pre", "res", *(f"up.{i}" for i in reversed(range(cfg.num_levels))), "out"]
 
 
-def _check_consecutive(names: Sequence[str], all_names: list[str]) -> None:
+def check_consecutive_stages(names: Sequence[str], all_names: list[str]) -> None:
+    """Raise ValueError unless ``names`` is a non-empty run of consecutive stages."""
     unknown = [n for n in names if n not in all_names]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {all_names}")
@@ -228,7 +230,7 @@ class _TemporalDecoderPart(nn.Module):
         num_frames: int | None,
     ) -> None:
         super().__init__()
-        _check_consecutive(stages, temporal_stage_names(cfg))
+        check_consecutive_stages(stages, temporal_stage_names(cfg))
         if latent_frames < 1:
             raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
         if num_frames is None:
