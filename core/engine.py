@@ -634,6 +634,9 @@ def verify_artifact(
                 error=f"function {function!r}: {type(exc).__name__}: {exc}",
             )
         passed = fid.finite and fid.psnr_db >= threshold_db
+        notes = [] if fid.finite else [f"function {function!r} produced inf/NaN"]
+        if hasattr(backend, "cross_check"):  # e.g. interpreter vs real Core ML on macOS
+            notes.append(backend.cross_check(path, inputs, function, actual))
         v = Verification(
             backend=backend.runner_name(),
             psnr_db=fid.psnr_db,
@@ -641,7 +644,7 @@ def verify_artifact(
             finite=fid.finite,
             threshold_db=threshold_db,
             passed=passed,
-            note="" if fid.finite else f"function {function!r} produced inf/NaN",
+            note="; ".join(n for n in notes if n),
         )
         if worst is None or v.psnr_db < worst.psnr_db or not v.finite:
             worst = v

@@ -129,8 +129,11 @@ def print_report(result: RunResult, out: Console = console) -> None:
         if r.error:
             out.print(f"[bold red]error[/] {r.chunk_key} ({r.target}): {escape(r.error)}")
         v = r.verification
-        if v and (v.note or v.error):
-            out.print(f"[red]verify[/] {r.chunk_key} ({r.target}): {escape(v.error or v.note)}")
+        if v and v.error:
+            out.print(f"[red]verify[/] {r.chunk_key} ({r.target}): {escape(v.error)}")
+        if v and v.note:
+            colour = "dim" if v.passed else "red"
+            out.print(f"[{colour}]verify[/] {r.chunk_key} ({r.target}): {escape(v.note)}")
     for c in result.checks:
         v = c.verification
         status = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"

@@ -111,6 +111,28 @@ class CoreMLBackend:
         """Run one function of a saved package on numpy inputs."""
         return self.load(path, function)(inputs)
 
+    def cross_check(
+        self, path: Path, inputs: dict[str, Any], function: str, actual: dict[str, Any]
+    ) -> str:
+        """Where real Core ML ran (macOS), how closely the MIL interpreter agrees with it.
+
+        Returns a note for the report, or "" where the interpreter was the runner itself.
+        """
+        from sora_export.core.verify.metrics import compare
+        from sora_export.core.verify.mil_interpreter import (
+            MILInterpreter,
+            coreml_predict_available,
+        )
+
+        if not coreml_predict_available():
+            return ""
+        interpreted = MILInterpreter(path, function=function).run(inputs)
+        fid = compare({k: np.asarray(v) for k, v in actual.items()}, interpreted)
+        return (
+            f"MIL interpreter vs Core ML ({function}): {fid.psnr_db:.1f} dB, "
+            f"max err {fid.max_abs_err:.3g}"
+        )
+
     @staticmethod
     def runner_name() -> str:
         from sora_export.core.verify.mil_interpreter import coreml_predict_available
