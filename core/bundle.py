@@ -220,6 +220,7 @@ def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
                     "target": target,
                     "size": comp.context.size,
                     "random_weights": comp.context.weights is None,
+                    "chunk_budget_bytes": comp.context.chunk_budget_bytes,
                     "weights": str(comp.context.weights) if comp.context.weights else None,
                     "chunks": chunks,
                 }

@@ -102,8 +102,10 @@ def sora_export_chunk_component(component: PlannedComponent) -> list[Chunk] | No
     """Split a component into chunks. The first non-None result wins.
 
     Called once per selected component after its ``describe`` ran. ``component.context``
-    carries the profile (use ``profile.per_chunk_budget_bytes``), size, weights path and
-    export shape; ``component.description`` is what the component's ``describe`` returned.
+    carries the profile, ``chunk_budget_bytes`` (stored bytes a chunk may hold: the
+    profile's per-chunk budget capped by what the export host can convert), ``policy``,
+    size, weights path and export shape; ``component.description`` is what the
+    component's ``describe`` returned.
     Return ``None`` for components you do not chunk. A third party can take over chunking of
     a built-in component with ``@hookimpl(tryfirst=True)``.
 

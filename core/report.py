@@ -70,6 +70,13 @@ def plan_panel(plan: ExportPlan) -> Panel:
             "[yellow]verification off[/]: artifacts are not compared with PyTorch and fp16 "
             "overflow is not measured (--verify to enable)"
         )
+    capped = [
+        f"{c.spec.name} {human_bytes(c.context.chunk_budget_bytes)}"
+        for c in plan.components
+        if c.context.chunk_budget_bytes < plan.profile.per_chunk_budget_bytes
+    ]
+    if capped:
+        lines.append("chunks capped to what this machine can convert: " + ", ".join(capped))
     random = [c.spec.name for c in plan.components if c.context.weights is None]
     if random:
         lines.append(

@@ -220,6 +220,9 @@ class ComponentBuildContext:
     shape: ExportShape
     seed: int = 0
     policy: str = "fp16"  # the component's quantization policy (size chunks with it)
+    # stored bytes one chunk may hold: the profile's per-chunk budget, lowered when the
+    # export host could not convert such a chunk in memory (see engine.chunk_budget)
+    chunk_budget_bytes: int = 0
 
 
 @attrs.frozen
@@ -289,6 +292,8 @@ class ExportRequest:
     quantize: str | None = None
     verify: bool | None = None
     jobs: int = 1
+    # memory the export may use on this machine; None: 75% of physical memory
+    host_memory_bytes: int | None = None
     resume: bool = False
     force: bool = False
     seed: int = 0

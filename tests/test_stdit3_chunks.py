@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -102,3 +103,27 @@ def test_example_inputs_match_specs(part: str) -> None:
     chunk = next(c for c in chunks if c.name.startswith(part))
     for spec, tensor in zip(chunk.inputs, chunk.example_inputs(), strict=True):
         assert tuple(tensor.shape) == spec.shape, spec.name
+
+
+def test_host_memory_caps_chunk_size(tmp_path: Path) -> None:
+    # full-size STDiT3 fits 15 block pairs per iPhone chunk; a 4 GB export host with two
+    # workers can convert only ~190M parameters per chunk side by side, i.e. 4 pairs
+    from sora_export.core.engine import chunk_budget
+
+    registry = Registry.discover()
+    request = ExportRequest(
+        plugins=("stdit",),
+        size="full",
+        verify=False,
+        jobs=2,
+        host_memory_bytes=4_000_000_000,
+        output=tmp_path / "o",
+    )
+    plan = engine.plan(request, registry)
+    blocks = [c for c in plan.chunks if c.name.startswith("blocks")]
+    pair = plan.components[0].description.cfg.param_count_block_pair()
+    assert all(c.params <= 4_000_000_000 / 2 / 10.5 for c in blocks)
+    assert max(c.params for c in blocks) == 4 * pair
+    roomy = attrs.evolve(request, host_memory_bytes=10**12, jobs=1)
+    profile = plan.profile
+    assert chunk_budget(profile, "fp16", roomy) == profile.per_chunk_budget_bytes

@@ -283,7 +283,7 @@ def sora_export_chunk_component(component: PlannedComponent) -> list[Chunk] | No
         return None
     desc: STDiT3Description = component.description
     ctx = component.context
-    return plan_chunks(desc, ctx.profile.per_chunk_budget_bytes, ctx.policy, ctx.seed)
+    return plan_chunks(desc, ctx.chunk_budget_bytes, ctx.policy, ctx.seed)
 
 
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
