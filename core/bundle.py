@@ -16,8 +16,10 @@ from typing import Any
 import attrs
 
 from sora_export.core.errors import UsageError
+from sora_export.core.shapes import enumerated_shapes
 from sora_export.core.types import (
     Artifact,
+    Chunk,
     ChunkResult,
     ExportPlan,
     ExportRequest,
@@ -95,7 +97,12 @@ def _finite(x: float) -> float | str:
 
 
 def verification_to_json(v: Verification) -> dict[str, Any]:
-    return {**attrs.asdict(v), "psnr_db": _finite(v.psnr_db), "max_abs_err": _finite(v.max_abs_err)}
+    return {
+        **attrs.asdict(v),
+        "psnr_db": _finite(v.psnr_db),
+        "max_abs_err": _finite(v.max_abs_err),
+        "psnr_by_shape": {k: _finite(x) for k, x in v.psnr_by_shape.items()},
+    }
 
 
 def result_to_json(r: ChunkResult) -> dict[str, Any]:
@@ -119,6 +126,8 @@ def result_to_json(r: ChunkResult) -> dict[str, Any]:
         "error": r.error,
         "notes": list(r.notes),
         "cached": r.cached,
+        "strategy": r.strategy,
+        "strategy_note": r.strategy_note,
         "ok": r.ok,
     }
 
@@ -142,6 +151,7 @@ def result_from_json(d: dict[str, Any]) -> ChunkResult:
             reference_seconds=v.get("reference_seconds", 0.0),
             note=v.get("note", ""),
             error=v.get("error", ""),
+            psnr_by_shape={k: _num(x) for k, x in v.get("psnr_by_shape", {}).items()},
         )
     artifact = None
     if d.get("path"):
@@ -166,6 +176,8 @@ def result_from_json(d: dict[str, Any]) -> ChunkResult:
         error=d.get("error"),
         notes=tuple(d.get("notes", ())),
         cached=bool(d.get("cached", False)),
+        strategy=d.get("strategy", "static"),
+        strategy_note=d.get("strategy_note", ""),
     )
 
 
@@ -183,7 +195,30 @@ def request_to_json(request: ExportRequest) -> dict[str, Any]:
         "weights": {k: str(Path(v).resolve()) for k, v in request.weights.items()},
         "targets": list(request.targets),
         "quantize": request.quantize,
+        "shapes": list(request.shapes),
     }
+
+
+def shapes_section(chunk: Chunk, result: ChunkResult | None) -> dict[str, Any]:
+    """Per export shape: the chunk's input/output specs there and, per variant, the
+    artifact function a runtime calls at that shape."""
+    per_shape = result is not None and result.strategy == "per-shape"
+    return {
+        name: {
+            "inputs": [_tensor_json(s) for s in at.inputs],
+            "outputs": [_tensor_json(s) for s in at.outputs],
+            "functions": {v: chunk.function_for(v, name, per_shape) for v in chunk.functions},
+        }
+        for name, at in chunk.shape_chunks().items()
+    }
+
+
+def chunk_enumerated_shapes(chunk: Chunk) -> dict[str, list[list[int]]]:
+    """Each varying input's shapes over the chunk's export shapes, the default first."""
+    at = list(chunk.shape_chunks().values())
+    names = [s.name for s in chunk.inputs]
+    cases = [[s.shape for s in c.inputs] for c in at]
+    return {k: [list(x) for x in v] for k, v in enumerated_shapes(names, cases).items()}
 
 
 def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
@@ -212,6 +247,13 @@ def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
                         else list(chunk.functions),
                         "quantization": r.quantization if r else None,
                         "meta": _jsonable(chunk.meta),
+                        # how the artifact takes the export shapes (see docs/architecture.md)
+                        "strategy": r.strategy if r else None,
+                        "strategy_note": r.strategy_note if r else "",
+                        "enumerated_shapes": chunk_enumerated_shapes(chunk)
+                        if r is not None and r.strategy == "dynamic"
+                        else {},
+                        "shapes": shapes_section(chunk, r),
                     }
                 )
             components.append(
@@ -233,6 +275,8 @@ def build_manifest(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
         "plugins": list(plan.plugins),
         "transforms": [t.name for t in plan.transforms],
         "pipeline": [c.spec.name for c in plan.components],
+        # the export shapes every chunk accepts, the bundle's default first
+        "shapes": [s.name for s in plan.shapes],
         "request": request_to_json(plan.request),
         "components": components,
         "dataflow": dataflow(plan),

@@ -59,6 +59,8 @@ def plan_from_manifest(bundle: Path, manifest: dict[str, Any], registry: Registr
         quantize=req.get("quantize"),
         verify=True,
         seed=req.get("seed", 0),
+        # bundles written before export shapes existed hold the profile's default only
+        shapes=tuple(req.get("shapes", ("default",))),
     )
     return engine.plan(request, registry)
 
@@ -92,14 +94,13 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
             verification = None
             if plan is not None and key in chunks:
                 chunk = chunks[key]
-                prepared = _references(chunk, registry, active, plan)
-                verification = engine.verify_artifact(
+                cases, seconds = _references(chunk, registry, active, plan, entry)
+                verification = engine.verify_cases(
                     path,
                     comp["target"],
-                    prepared[0],
-                    prepared[1],
+                    cases,
                     plan.profile.threshold_for(entry.get("quantization") or "fp16"),
-                    prepared[2],
+                    seconds,
                 )
             checks.append(
                 ArtifactCheck(
@@ -109,21 +110,33 @@ def verify_bundle(bundle: Path, numeric: bool = True) -> list[ArtifactCheck]:
     return checks
 
 
-def _references(chunk, registry, active, plan):
-    """Rebuild a chunk's PyTorch module(s) and fp32 reference outputs for each function."""
+def _references(chunk, registry, active, plan, entry):
+    """Rebuild a chunk's PyTorch module(s) and fp32 reference outputs at every export shape
+    and for each variant; the manifest's ``shapes`` section names the function to run."""
     from sora_export.core import engine
 
-    base = chunk.build().eval()
-    inputs = tuple(t.contiguous() for t in chunk.example_inputs())
-    references = {}
+    cases = []
     seconds = 0.0
-    for variant, module in engine.patched_variants(chunk, base, registry, active, plan.profile):
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = module(*inputs)
-        seconds += time.perf_counter() - start
-        references[variant] = engine._outputs_dict(chunk, out)
-    return engine._inputs_dict(chunk, inputs), references, seconds
+    recorded = entry.get("shapes", {})
+    for name, at in chunk.shape_chunks().items():
+        base = at.build().eval()
+        inputs = tuple(t.contiguous() for t in at.example_inputs())
+        functions = recorded.get(name, {}).get("functions", {})
+        for variant, module in engine.patched_variants(at, base, registry, active, plan.profile):
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = module(*inputs)
+            seconds += time.perf_counter() - start
+            cases.append(
+                engine._Case(
+                    functions.get(variant, variant),
+                    name,
+                    engine._inputs_dict(at, inputs),
+                    engine._outputs_dict(at, out),
+                )
+            )
+        del base
+    return cases, seconds
 
 
 def _verify_main(argv: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from sora_export.core.errors import SoraExportError, UsageError
+from sora_export.core.shapes import parse_shapes_option
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest
 
 SUBCOMMANDS = ("verify", "inspect")
@@ -73,6 +74,12 @@ def export_parser() -> argparse.ArgumentParser:
         help="export target (repeatable); default from the profile",
     )
     p.add_argument("--quantize", choices=QUANT_POLICIES, help="override the profile's policy")
+    p.add_argument(
+        "--shapes",
+        default="all",
+        metavar="all|default|NAME[,NAME...]",
+        help="which of the profile's [[shapes]] every chunk accepts (default: all)",
+    )
     p.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
@@ -181,6 +188,7 @@ def run_export(argv: Sequence[str]) -> int:
         resume=args.resume,
         force=args.force,
         seed=args.seed,
+        shapes=parse_shapes_option(args.shapes),
     )
     from sora_export.core import engine
     from sora_export.core.report import console, live_progress, plan_panel, print_report

@@ -49,6 +49,7 @@ from sora_export.core.errors import ExportError, PluginError, SoraExportError, U
 from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
 from sora_export.core.profiles import load_profile_file
 from sora_export.core.registry import Registry
+from sora_export.core.shapes import dynamic_shapes, enumerated_shapes, group_dims, select_shapes
 from sora_export.core.types import (
     Artifact,
     Chunk,
@@ -57,6 +58,7 @@ from sora_export.core.types import (
     DeviceProfile,
     ExportPlan,
     ExportRequest,
+    ExportShape,
     PlannedComponent,
     RunResult,
     Verification,
@@ -114,38 +116,18 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
     weights = _canonical_weights(request, registry, {c.name for c in components})
     active = registry.active_plugins(components, transforms)
     registry.call("sora_export_check_profile", active, profile=profile)
+    shapes = select_shapes(profile, request.shapes)
     planned = []
     for spec in components:
         policy = request.quantize or profile.quantization.for_chunk(spec.name, "")
-        ctx = ComponentBuildContext(
-            profile=profile,
-            size=request.size,
-            weights=weights.get(spec.name),
-            shape=profile.default_shape,
-            seed=request.seed,
-            policy=policy,
-            chunk_budget_bytes=chunk_budget(profile, policy, request),
-        )
-        try:
-            description = spec.describe(ctx)
-        except SoraExportError:
-            raise
-        except Exception as exc:
-            raise PluginError(spec.plugin, "describe", f"{type(exc).__name__}: {exc}") from exc
-        pc = PlannedComponent(spec=spec, context=ctx, description=description, chunks=())
-        chunks = registry.call(
-            "sora_export_chunk_component", active, firstresult=True, component=pc
-        )
-        if chunks is None:
-            raise PluginError(
-                spec.plugin, "sora_export_chunk_component", f"no plugin chunks {spec.name!r}"
-            )
-        if not isinstance(chunks, list | tuple) or not all(isinstance(c, Chunk) for c in chunks):
-            raise PluginError(
-                spec.plugin,
-                "sora_export_chunk_component",
-                f"must return a list of Chunk, got {type(chunks).__name__}",
-            )
+        # the chunking hook runs once per shape; the default shape's plan is the component's
+        per_shape = [
+            _plan_component(spec, active, registry, request, profile, weights, policy, shape)
+            for shape in shapes
+        ]
+        pc, chunks = per_shape[0]
+        named = [(s.name, c) for s, (_, c) in zip(shapes, per_shape, strict=True)]
+        chunks = _match_shapes(spec, named)
         with_variants = []
         for chunk in chunks:
             extra: list[str] = []
@@ -160,7 +142,11 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
                     )
                 extra += [n for n in names_ if n not in extra]
             functions = ("plain", *extra) if extra else ("main",)
-            with_variants.append(attrs.evolve(chunk, functions=functions))
+            at_shapes = {
+                name: attrs.evolve(c, functions=functions, shapes={})
+                for name, c in chunk.shapes.items()
+            }
+            with_variants.append(attrs.evolve(chunk, functions=functions, shapes=at_shapes))
         planned.append(attrs.evolve(pc, chunks=tuple(with_variants)))
     verify = request.verify if request.verify is not None else request.size == "tiny"
     if not verify and (request.quantize == "auto" or _profile_uses_auto(profile)):
@@ -175,7 +161,74 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         components=tuple(planned),
         targets=tuple(dict.fromkeys(targets)),
         verify=verify,
+        shapes=shapes,
     )
+
+
+def _plan_component(
+    spec: Any,
+    active: set[str],
+    registry: Registry,
+    request: ExportRequest,
+    profile: DeviceProfile,
+    weights: dict[str, Path],
+    policy: str,
+    shape: ExportShape,
+) -> tuple[PlannedComponent, list[Chunk]]:
+    """Describe and chunk one component at one export shape."""
+    ctx = ComponentBuildContext(
+        profile=profile,
+        size=request.size,
+        weights=weights.get(spec.name),
+        shape=shape,
+        seed=request.seed,
+        policy=policy,
+        chunk_budget_bytes=chunk_budget(profile, policy, request),
+    )
+    try:
+        description = spec.describe(ctx)
+    except SoraExportError:
+        raise
+    except Exception as exc:
+        raise PluginError(spec.plugin, "describe", f"{type(exc).__name__}: {exc}") from exc
+    pc = PlannedComponent(spec=spec, context=ctx, description=description, chunks=())
+    chunks = registry.call("sora_export_chunk_component", active, firstresult=True, component=pc)
+    if chunks is None:
+        raise PluginError(
+            spec.plugin, "sora_export_chunk_component", f"no plugin chunks {spec.name!r}"
+        )
+    if not isinstance(chunks, list | tuple) or not all(isinstance(c, Chunk) for c in chunks):
+        raise PluginError(
+            spec.plugin,
+            "sora_export_chunk_component",
+            f"must return a list of Chunk, got {type(chunks).__name__}",
+        )
+    return pc, list(chunks)
+
+
+def _match_shapes(spec: Any, per_shape: list[tuple[str, list[Chunk]]]) -> list[Chunk]:
+    """The default shape's chunks, each carrying its per-shape twins (matched by name).
+
+    A plugin whose chunk list (names, in order) differs between shapes cannot store one
+    set of weights per chunk for every shape: PluginError naming it.
+    """
+    (default_name, default_chunks), *others = per_shape
+    names = [c.name for c in default_chunks]
+    for shape_name, chunks in others:
+        got = [c.name for c in chunks]
+        if got != names:
+            raise PluginError(
+                spec.plugin,
+                "sora_export_chunk_component",
+                f"component {spec.name!r} is partitioned differently per shape: "
+                f"{default_name} gives chunks {names}, {shape_name} gives {got}; every "
+                "shape must have the same chunks",
+            )
+    out = []
+    for i, chunk in enumerate(default_chunks):
+        at_shapes = {name: attrs.evolve(chunks[i], shape=name) for name, chunks in per_shape}
+        out.append(attrs.evolve(chunk, shape=default_name, shapes=at_shapes))
+    return out
 
 
 # Peak resident bytes per weight while one chunk is captured, converted and saved
@@ -287,6 +340,10 @@ def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) 
             "inputs": [s.to_json() for s in chunk.inputs],
             "outputs": [s.to_json() for s in chunk.outputs],
             "functions": list(chunk.functions),
+            "shapes": {
+                name: [[s.to_json() for s in c.inputs], [s.to_json() for s in c.outputs]]
+                for name, c in chunk.shapes.items()
+            },
             "meta": _jsonable(chunk.meta),
             "target": target,
             "policy": policy,
@@ -360,14 +417,62 @@ def _check_inputs(chunk: Chunk, inputs: tuple[torch.Tensor, ...]) -> None:
 
 
 @attrs.define
-class _Prepared:
-    """A chunk's modules per variant, captured programs and fp32 reference outputs."""
+class _Program:
+    """One captured function: its program, the chunk whose specs it is lowered with, and
+    (shape-polymorphic programs) the enumerated shapes of each varying input."""
 
-    programs: dict[str, Any]
-    references: dict[str, dict[str, np.ndarray]]
+    program: Any
+    chunk: Chunk
+    enumerated: dict[str, list[tuple[int, ...]]] = attrs.Factory(dict)
+
+
+@attrs.define
+class _Case:
+    """One verification run: an artifact function at one export shape."""
+
+    function: str
+    shape: str
     inputs: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+
+
+@attrs.define
+class _Prepared:
+    """A chunk's captured functions, its verification cases and how it takes its shapes."""
+
+    programs: dict[str, _Program]
+    cases: list[_Case]
     max_activation: float | None  # None when not measured (verification off)
     reference_seconds: float
+    strategy: str = "static"
+    strategy_note: str = ""
+
+
+# A shape-polymorphic program must reproduce its own module at every shape this closely
+# (fp32 against fp32: only summation order differs), else the chunk is captured per shape.
+DYNAMIC_AGREEMENT_DB = 100.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _capture_dynamic(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], groups: list[Any]
+) -> Any:
+    """One torch.export capture whose varying input dims are ``torch.export.Dim``s.
+
+    ``backed_size_oblivious`` lets torch reason about the symbolic sizes without guards
+    for the sizes 0 and 1 (which the shapes never take); without it the reshapes of
+    STDiT3's blocks add guards that torch cannot prove for a whole range and the capture
+    fails.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    spec = dynamic_shapes(groups, [t.dim() for t in inputs])
+    with fx_config.patch(backed_size_oblivious=True):
+        return capture(module, inputs, dynamic_shapes=spec)
 
 
 def _prepare(
@@ -379,44 +484,201 @@ def _prepare(
     sink: EventSink,
     measure: bool = True,
 ) -> _Prepared:
+    """Build, reference and capture a chunk at every export shape.
+
+    A chunk whose input shapes differ across its shapes is first captured once with
+    dynamic dims (each group of :func:`group_dims` one ``torch.export.Dim``); the program
+    must then run at every other shape and (when references are measured) match the
+    module there. Otherwise, or when that capture raises, every variant is captured once
+    per shape (functions ``<variant>@<shape>`` for the non-default shapes), and
+    ``strategy_note`` keeps the first line of the reason.
+    """
+    at_shape = chunk.shape_chunks()
+    names = list(at_shape)
+    default = names[0]
     sink(Event("stage", chunk.key, "build"))
+    inputs: dict[str, tuple[torch.Tensor, ...]] = {}
     with _timed(timings, "build"):
-        base = chunk.build()
-        base.eval()
-        for p in base.parameters():
-            p.requires_grad_(False)
-        # contiguous: Core ML rejects captured inputs with a non-default dim order
-        inputs = tuple(t.contiguous() for t in chunk.example_inputs())
-        _check_inputs(chunk, inputs)
-    programs: dict[str, Any] = {}
-    references: dict[str, dict[str, np.ndarray]] = {}
+        # one module per distinct builder: shapes whose builders are equal share it
+        builders: list[Any] = []
+        group_of: dict[str, int] = {}
+        for name, shape_chunk in at_shape.items():
+            for i, b in enumerate(builders):
+                if b is shape_chunk.build or _same_builder(b, shape_chunk.build):
+                    group_of[name] = i
+                    break
+            else:
+                group_of[name] = len(builders)
+                builders.append(shape_chunk.build)
+        bases = []
+        for b in builders:
+            base = b()
+            base.eval()
+            for p in base.parameters():
+                p.requires_grad_(False)
+            bases.append(base)
+        for name, shape_chunk in at_shape.items():
+            # contiguous: Core ML rejects captured inputs with a non-default dim order
+            inputs[name] = tuple(t.contiguous() for t in shape_chunk.example_inputs())
+            _check_inputs(shape_chunk, inputs[name])
+    input_names = [s.name for s in chunk.inputs]
+    case_shapes = [[tuple(t.shape) for t in inputs[n]] for n in names]
+    groups = group_dims(input_names, case_shapes) if len(names) > 1 else []
+    strategy, note = ("dynamic" if groups else "static"), ""
+    # verification at a shape whose inputs equal an earlier shape's would repeat it
+    distinct = [
+        n
+        for i, n in enumerate(names)
+        if not any(_same_inputs(inputs[n], inputs[m]) for m in names[:i])
+    ]
+    programs: dict[str, _Program] = {}
+    cases: list[_Case] = []
     max_act: float | None = None
     ref_seconds = 0.0
-    for variant, module in patched_variants(chunk, base, registry, active, profile):
+    modules: dict[tuple[str, int], torch.nn.Module] = {}
+    references: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for v_index, variant in enumerate(chunk.functions):
+        last = v_index == len(chunk.functions) - 1
+        for g, base in enumerate(bases):
+            shape_chunk = at_shape[next(n for n in names if group_of[n] == g)]
+            module = base if last else copy.deepcopy(base)
+            modules[(variant, g)] = _patched(
+                shape_chunk, module, variant, registry, active, profile
+            )
         if measure:
-            # one fp32 forward gives the verification reference and the fp16 headroom
-            sink(Event("stage", chunk.key, "reference", variant))
-            with _timed(timings, "reference"):
-                start = time.perf_counter()
-                out, act = _max_activation(module, inputs)
-                # the chunk's inputs count too: an fp16 package receives them in fp16
-                act = max([act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())])
-                ref_seconds += time.perf_counter() - start
-            references[variant] = _outputs_dict(chunk, out)
-            max_act = max(max_act or 0.0, act)
-            del out
-        sink(Event("stage", chunk.key, "capture", variant))
-        with _timed(timings, "capture"):
-            try:
-                programs[variant] = capture(module, inputs)
-            except Exception as exc:
+            for name in distinct:
+                module = modules[(variant, group_of[name])]
+                sink(Event("stage", chunk.key, "reference", f"{variant} {name}".strip()))
+                with _timed(timings, "reference"):
+                    start = time.perf_counter()
+                    out, act = _max_activation(module, inputs[name])
+                    # the chunk's inputs count too: an fp16 package receives them in fp16
+                    floats = [t for t in inputs[name] if t.is_floating_point()]
+                    act = max([act, *(float(t.abs().max()) for t in floats)])
+                    ref_seconds += time.perf_counter() - start
+                references[(variant, name)] = _outputs_dict(at_shape[name], out)
+                max_act = max(max_act or 0.0, act)
+                del out
+        if strategy == "dynamic":
+            sink(Event("stage", chunk.key, "capture", f"{variant} dynamic"))
+            with _timed(timings, "capture"):
+                try:
+                    program = _capture_dynamic(
+                        modules[(variant, group_of[default])], inputs[default], groups
+                    )
+                    _check_dynamic(program, at_shape, inputs, names[1:], references, variant)
+                    programs[variant] = _Program(
+                        program, chunk, enumerated_shapes(input_names, case_shapes)
+                    )
+                except Exception as exc:
+                    strategy, note = "per-shape", _first_line(exc)
+                    programs.clear()
+        if strategy != "dynamic":
+            # per shape (or static): capture every variant so far at each distinct shape
+            for done in chunk.functions[: v_index + 1]:
+                for name in names if strategy == "per-shape" else names[:1]:
+                    function = chunk.function_for(done, name, strategy == "per-shape")
+                    if function in programs:
+                        continue
+                    sink(Event("stage", chunk.key, "capture", function))
+                    with _timed(timings, "capture"):
+                        try:
+                            program = capture(modules[(done, group_of[name])], inputs[name])
+                        except Exception as exc:
+                            raise ExportError(
+                                f"{chunk.key}: torch.export failed for function {function!r}: "
+                                f"{type(exc).__name__}: {exc}"
+                            ) from exc
+                    programs[function] = _Program(program, at_shape[name])
+    del modules, bases
+    for variant in chunk.functions:
+        for name in names:
+            ref_name = next(m for m in distinct if _same_inputs(inputs[name], inputs[m]))
+            if (variant, ref_name) not in references:
+                continue
+            function = chunk.function_for(variant, name, strategy == "per-shape")
+            cases.append(
+                _Case(
+                    function,
+                    name,
+                    _inputs_dict(at_shape[name], inputs[name]),
+                    references[(variant, ref_name)],
+                )
+            )
+    return _Prepared(programs, cases, max_act, ref_seconds, strategy, note)
+
+
+def _same_builder(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _same_inputs(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _check_dynamic(
+    program: Any,
+    at_shape: dict[str, Chunk],
+    inputs: dict[str, tuple[torch.Tensor, ...]],
+    others: list[str],
+    references: dict[tuple[str, str], dict[str, np.ndarray]],
+    variant: str,
+) -> None:
+    """Raise unless the shape-polymorphic ``program`` runs at every other shape with the
+    declared output shapes and (where measured) matches the module's reference there."""
+    runner = program.module()
+    for name in others:
+        shape_chunk = at_shape[name]
+        with torch.no_grad():
+            out = runner(*inputs[name])
+        got = _outputs_dict(shape_chunk, out)
+        for spec in shape_chunk.outputs:
+            if tuple(got[spec.name].shape) != tuple(spec.shape):
                 raise ExportError(
-                    f"{chunk.key}: torch.export failed for variant {variant!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        del module
-    del base
-    return _Prepared(programs, references, _inputs_dict(chunk, inputs), max_act, ref_seconds)
+                    f"at {name} output {spec.name!r} has shape {list(got[spec.name].shape)}, "
+                    f"spec says {list(spec.shape)}"
+                )
+        reference = references.get((variant, name))
+        if reference is not None:
+            fid = compare(reference, got)
+            if not fid.finite or fid.psnr_db < DYNAMIC_AGREEMENT_DB:
+                raise ExportError(
+                    f"the dynamic program differs from the module at {name} "
+                    f"({fid.psnr_db:.1f} dB < {DYNAMIC_AGREEMENT_DB:.0f} dB)"
+                )
+
+
+def _patched(
+    chunk: Chunk,
+    module: torch.nn.Module,
+    variant: str,
+    registry: Registry,
+    active: set[str],
+    profile: DeviceProfile,
+) -> torch.nn.Module:
+    """``module`` after the patch hook for ``variant``."""
+    for plugin, replacement in registry.call(
+        "sora_export_patch_module",
+        active,
+        chunk=chunk,
+        module=module,
+        variant=variant,
+        profile=profile,
+    ):
+        if not isinstance(replacement, torch.nn.Module):
+            raise PluginError(
+                plugin,
+                "sora_export_patch_module",
+                f"must return None or an nn.Module, got {type(replacement).__name__}",
+            )
+        module = replacement
+    return module
 
 
 def patched_variants(
@@ -434,22 +696,7 @@ def patched_variants(
     for i, variant in enumerate(chunk.functions):
         last = i == len(chunk.functions) - 1
         module = base if last else copy.deepcopy(base)
-        for plugin, replacement in registry.call(
-            "sora_export_patch_module",
-            active,
-            chunk=chunk,
-            module=module,
-            variant=variant,
-            profile=profile,
-        ):
-            if not isinstance(replacement, torch.nn.Module):
-                raise PluginError(
-                    plugin,
-                    "sora_export_patch_module",
-                    f"must return None or an nn.Module, got {type(replacement).__name__}",
-                )
-            module = replacement
-        yield variant, module
+        yield variant, _patched(chunk, module, variant, registry, active, profile)
 
 
 def _lower_precision(policy: str) -> str:
@@ -542,10 +789,16 @@ class _TargetExport:
         backend = get_backend(target)
         self.sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
         models: dict[str, Any] = {}
-        for variant, program in self.prepared.programs.items():
+        for variant, captured in self.prepared.programs.items():
             with _timed(timings, "lower"):
                 try:
-                    model = backend.lower(program, chunk, profile, _lower_precision(policy))
+                    model = backend.lower(
+                        captured.program,
+                        captured.chunk,
+                        profile,
+                        _lower_precision(policy),
+                        enumerated=captured.enumerated or None,
+                    )
                 except Exception as exc:
                     raise ExportError(
                         f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
@@ -570,11 +823,10 @@ class _TargetExport:
         if self.plan.verify:
             self.sink(Event("stage", chunk.key, "verify", target))
             with _timed(timings, "verify"):
-                verification = verify_artifact(
+                verification = verify_cases(
                     final,
                     target,
-                    self.prepared.inputs,
-                    self.prepared.references,
+                    self.prepared.cases,
                     profile.threshold_for(policy),
                     self.prepared.reference_seconds,
                 )
@@ -636,10 +888,26 @@ def verify_artifact(
     reference_seconds: float = 0.0,
 ) -> Verification:
     """Run every function of a saved artifact and compare with the fp32 references."""
+    cases = [_Case(function, "", inputs, ref) for function, ref in references.items()]
+    return verify_cases(path, target, cases, threshold_db, reference_seconds)
+
+
+def verify_cases(
+    path: Path,
+    target: str,
+    cases: list[_Case],
+    threshold_db: float,
+    reference_seconds: float = 0.0,
+) -> Verification:
+    """Run each case (a function at an export shape, with its own inputs) of a saved
+    artifact against its fp32 reference; the worst case is the verdict and
+    ``psnr_by_shape`` keeps the worst PSNR at each shape."""
     backend = get_backend(target)
     worst: Verification | None = None
     run_seconds = load_seconds = 0.0
-    for function, reference in references.items():
+    by_shape: dict[str, float] = {}
+    for case in cases:
+        function, inputs, reference = case.function, case.inputs, case.reference
         try:
             start = time.perf_counter()
             backend.load(path, function)
@@ -657,10 +925,12 @@ def verify_artifact(
                 threshold_db=threshold_db,
                 passed=False,
                 reference_seconds=reference_seconds,
-                error=f"function {function!r}: {type(exc).__name__}: {exc}",
+                error=f"function {function!r}{_at(case.shape)}: {type(exc).__name__}: {exc}",
             )
         passed = fid.finite and fid.psnr_db >= threshold_db
-        notes = [] if fid.finite else [f"function {function!r} produced inf/NaN"]
+        if case.shape:
+            by_shape[case.shape] = min(by_shape.get(case.shape, math.inf), fid.psnr_db)
+        notes = [] if fid.finite else [f"function {function!r}{_at(case.shape)} produced inf/NaN"]
         if hasattr(backend, "cross_check"):  # e.g. interpreter vs real Core ML on macOS
             notes.append(backend.cross_check(path, inputs, function, actual))
         v = Verification(
@@ -680,7 +950,12 @@ def verify_artifact(
         seconds=run_seconds,
         load_seconds=load_seconds,
         reference_seconds=reference_seconds,
+        psnr_by_shape=by_shape,
     )
+
+
+def _at(shape: str) -> str:
+    return f" at {shape}" if shape else ""
 
 
 def export_chunk(
@@ -730,6 +1005,8 @@ def export_chunk(
                 peak_rss_bytes=peak_rss_bytes(),
                 verification=verification,
                 notes=tuple(notes),
+                strategy=prepared.strategy,
+                strategy_note=prepared.strategy_note,
             )
         )
     del prepared

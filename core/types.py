@@ -204,10 +204,30 @@ class Chunk:
     wiring: Mapping[str, str] = attrs.field(factory=dict)
     functions: tuple[str, ...] = ("main",)
     meta: Mapping[str, Any] = attrs.field(factory=dict)
+    # The export shape this chunk was planned at ("" when planned outside engine.plan).
+    shape: str = ""
+    # Set by engine.plan: shape name -> this chunk as planned at that shape (same name,
+    # build and functions; its own example inputs and specs), the bundle's default shape
+    # first. The chunk itself is the default shape's. Empty: the chunk has one shape.
+    shapes: Mapping[str, Chunk] = attrs.field(factory=dict)
 
     @property
     def key(self) -> str:
         return f"{self.component}/{self.name}"
+
+    def shape_chunks(self) -> dict[str, Chunk]:
+        """Shape name -> the chunk at that shape, default first (at least this chunk)."""
+        return dict(self.shapes) if self.shapes else {self.shape: self}
+
+    def function_for(self, variant: str, shape: str, per_shape: bool) -> str:
+        """The artifact function that runs ``variant`` at ``shape``.
+
+        A shape-polymorphic artifact (or a chunk with one shape) runs every shape with the
+        variant's own function; per-shape artifacts name the non-default shapes' functions
+        ``<variant>@<shape>``.
+        """
+        default = next(iter(self.shape_chunks()))
+        return variant if not per_shape or shape == default else f"{variant}@{shape}"
 
 
 @attrs.frozen
@@ -297,6 +317,8 @@ class ExportRequest:
     resume: bool = False
     force: bool = False
     seed: int = 0
+    # which profile shapes to export: ("all",), ("default",) or shape names
+    shapes: tuple[str, ...] = attrs.field(converter=tuple, default=("all",))
 
 
 @attrs.frozen
@@ -310,6 +332,8 @@ class ExportPlan:
     components: tuple[PlannedComponent, ...] = attrs.field(converter=tuple)
     targets: tuple[str, ...] = attrs.field(converter=tuple)
     verify: bool = True
+    # the export shapes every chunk accepts, the bundle's default first
+    shapes: tuple[ExportShape, ...] = attrs.field(converter=tuple, factory=tuple)
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -331,6 +355,8 @@ class Verification:
     load_seconds: float = 0.0  # loading the artifact (interpreter: reading and decoding)
     note: str = ""
     error: str = ""  # the runner itself failed (not a fidelity verdict)
+    # worst PSNR (dB) over the functions run at each export shape, by shape name
+    psnr_by_shape: Mapping[str, float] = attrs.field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -364,6 +390,11 @@ class ChunkResult:
     error: str | None = None
     notes: tuple[str, ...] = ()
     cached: bool = False
+    # how the chunk accepts several export shapes: "static" (one shape, or all shapes have
+    # the same input shapes), "dynamic" (one shape-polymorphic function per variant) or
+    # "per-shape" (one function per variant and shape); strategy_note says why per-shape
+    strategy: str = "static"
+    strategy_note: str = ""
 
     @property
     def ok(self) -> bool:

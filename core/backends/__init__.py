@@ -9,7 +9,7 @@ import hashlib
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,8 +30,13 @@ class Backend(Protocol):
         chunk: Chunk,
         profile: DeviceProfile,
         precision: str,
+        enumerated: Mapping[str, Sequence[tuple[int, ...]]] | None = None,
     ) -> Any:
-        """Turn a captured program into the target's in-memory model at ``precision``."""
+        """Turn a captured program into the target's in-memory model at ``precision``.
+
+        ``enumerated`` (shape-polymorphic programs): each varying input's shapes, the
+        default first; the model must accept exactly those.
+        """
         ...
 
     def save(self, models: dict[str, Any], path: Path) -> tuple[str, ...]:
@@ -55,14 +60,22 @@ class Backend(Protocol):
         ...
 
 
-def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+def capture(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    dynamic_shapes: Any = None,
+) -> Any:
     """Capture a module with torch.export and decompose to the core ATen op set.
 
     torch.export is used instead of torch.jit.trace because coremltools fails on traced
     shape arithmetic (``B, N, _ = x.shape`` followed by ``view``) with torch 2.13.
+    ``dynamic_shapes`` (torch.export's argument, e.g. ``torch.export.Dim`` per varying
+    axis) makes a shape-polymorphic program.
     """
     with torch.no_grad():
-        program = torch.export.export(module, tuple(example_inputs), strict=False)
+        program = torch.export.export(
+            module, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False
+        )
     program = program.run_decompositions({torch.ops.aten.gelu.default: _gelu_explicit})
     _drop_aliases(program)
     return program

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,31 @@ class CoreMLBackend:
     name = "coreml"
     suffix = ".mlpackage"
 
-    def lower(self, program: Any, chunk: Chunk, profile: DeviceProfile, precision: str) -> Any:
+    def lower(
+        self,
+        program: Any,
+        chunk: Chunk,
+        profile: DeviceProfile,
+        precision: str,
+        enumerated: Mapping[str, Sequence[tuple[int, ...]]] | None = None,
+    ) -> Any:
+        """Convert to an ML Program; inputs named in ``enumerated`` get
+        ``ct.EnumeratedShapes`` (the default shape first; never a RangeDim)."""
         ct = quiet_coremltools()
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"Core ML lowering precision must be fp16 or fp32, got {precision}")
+        enumerated = enumerated or {}
         inputs = [
-            ct.TensorType(name=spec.name, shape=spec.shape, dtype=_NP_DTYPES[spec.dtype])
+            ct.TensorType(
+                name=spec.name,
+                shape=ct.EnumeratedShapes(
+                    shapes=[list(s) for s in enumerated[spec.name]],
+                    default=list(enumerated[spec.name][0]),
+                )
+                if spec.name in enumerated
+                else spec.shape,
+                dtype=_NP_DTYPES[spec.dtype],
+            )
             for spec in chunk.inputs
         ]
         outputs = [ct.TensorType(name=spec.name) for spec in chunk.outputs]

@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ INLINE_TENSOR_BYTES = 1024
 _LARGE_TENSOR_BYTES = 2**20
 _LARGE_ALIGN = 2**16
 _SMALL_ALIGN = 64
-_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# ``<variant>@<shape>`` names the functions of per-shape artifacts
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*$")
 _SESSION_CACHE_SIZE = 2  # like the device: the running chunk and the next
 
 
@@ -122,6 +123,31 @@ def check_io(model: onnx.ModelProto, chunk: Chunk) -> None:
                     f"{chunk.key}: ONNX {kind} {spec.name!r} has shape {shape}, "
                     f"chunk declares {list(spec.shape)}"
                 )
+
+
+def _name_dynamic_axes(
+    model: onnx.ModelProto, program: torch.export.ExportedProgram, input_names: Sequence[str]
+) -> None:
+    """Rename the exporter's size symbols (``s17``) after the inputs that carry them."""
+    placeholders = [
+        n
+        for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in set(map(str, program.graph_signature.user_inputs))
+    ]
+    names: dict[str, str] = {}
+    for input_name, node in zip(input_names, placeholders, strict=False):
+        value = node.meta.get("val")
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            if isinstance(size, torch.SymInt) and str(size).isidentifier():
+                names.setdefault(str(size), f"{input_name}_{axis}")
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -206,6 +232,7 @@ class ONNXBackend:
         chunk: Chunk,
         profile: DeviceProfile,
         precision: str,
+        enumerated: Mapping[str, Sequence[tuple[int, ...]]] | None = None,
     ) -> onnx.ModelProto:
         """Export the captured ``program`` to an in-memory ONNX model.
 
@@ -215,6 +242,11 @@ class ONNXBackend:
         axes the program captured as dynamic stay dynamic). ``fp16`` converts weights and
         compute to float16 and keeps float32 graph inputs and outputs (casts at the
         boundary), so a runtime feeds both precisions the same arrays.
+
+        A shape-polymorphic program (``enumerated`` names its varying inputs) keeps its
+        dynamic axes; each is named ``<input>_<axis>`` after the first input that has it
+        (axes tied to one ``torch.export.Dim`` share the name), and output axes derived
+        from them read e.g. ``2*tokens_2``.
         """
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"ONNX lowering precision must be fp16 or fp32, got {precision!r}")
@@ -247,6 +279,8 @@ class ONNXBackend:
         if got_opset != opset:
             raise ValueError(f"{chunk.key}: asked torch.onnx for opset {opset}, got {got_opset}")
         check_io(model, chunk)
+        if enumerated:
+            _name_dynamic_axes(model, program, [s.name for s in chunk.inputs])
         if precision == "fp16":
             convert = _float16_converter()
             # The exporter records every intermediate value's type, so the converter needs

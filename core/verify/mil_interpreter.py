@@ -805,9 +805,13 @@ def _squeeze(op: _OpBinder) -> _Kernel:
 
 @_kernel("tile")
 def _tile(op: _OpBinder) -> _Kernel:
-    reps = op.ints("reps") or []
     op.tensor("x")
-    return lambda x: x.repeat(reps)
+    if op.is_const("reps"):
+        reps = op.ints("reps") or []
+        return lambda x: x.repeat(reps)
+    # a shape-polymorphic program (enumerated input shapes) computes reps at run time
+    op.tensor("reps")
+    return lambda x, reps: x.repeat([int(v) for v in reps.tolist()])
 
 
 @_kernel("concat")
@@ -816,7 +820,11 @@ def _concat(op: _OpBinder) -> _Kernel:
     interleave = bool(op.const("interleave", False))
     op.tensors("values")
     if not interleave:
-        return lambda *values: torch.cat(values, dim=axis)
+        # shape arithmetic of shape-polymorphic programs concatenates scalars into a shape
+        # vector (MIL reads a scalar there as a length-1 vector)
+        return lambda *values: torch.cat(
+            [v.reshape(1) if v.dim() == 0 else v for v in values], dim=axis
+        )
 
     def interleaved(*values: torch.Tensor) -> torch.Tensor:
         a = _axis(axis, values[0].dim())
