@@ -150,6 +150,20 @@ def _name_dynamic_axes(
                 dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
+def _match_initializer_types(graph: onnx.GraphProto) -> None:
+    """Make ``value_info`` agree with the initializers' element types.
+
+    The fp16 converter keeps the float scales of a blocked op (``Resize``, as a
+    shape-polymorphic upsample exports it) in fp32 but still records them as fp16 in
+    ``value_info``, which the full checker rejects.
+    """
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in graph.value_info:
+        want = types.get(value.name)
+        if want is not None and value.type.tensor_type.elem_type != want:
+            value.type.tensor_type.elem_type = want
+
+
 def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
     """Add or update model-level metadata entries, keeping any others."""
     existing = {p.key: p for p in model.metadata_props}
@@ -287,6 +301,7 @@ class ONNXBackend:
             # no onnx shape inference (which serialises the model and fails above 2 GB).
             # The converter edits the model in place; it is ours alone here.
             model = convert(model, keep_io_types=True, disable_shape_infer=True)
+            _match_initializer_types(model.graph)
             # it appends its boundary casts at the end of the node list; ONNX requires
             # topological order (ONNX Runtime sorts for itself, the checker does not)
             sort_nodes(model.graph)

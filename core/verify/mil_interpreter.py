@@ -1329,6 +1329,7 @@ class MILInterpreter:
             MILTensorSpec(var.name, self._static_shape(var), _NUMPY_DTYPE[_mil_dtype(var)])
             for var in fn.outputs
         ]
+        self._enumerated = _enumerated_shapes(spec, function)
         self._build_plan(fn, _constant_keys(spec, function), _package_identity(weights_dir))
 
     # ---- public properties ------------------------------------------------------------------
@@ -1349,6 +1350,12 @@ class MILInterpreter:
     @property
     def input_specs(self) -> list[MILTensorSpec]:
         return list(self._inputs)
+
+    @property
+    def enumerated_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """``{input name: its allowed shapes}`` for inputs declared with
+        ``ct.EnumeratedShapes`` (read from the package's model description)."""
+        return {k: list(v) for k, v in self._enumerated.items()}
 
     @property
     def output_specs(self) -> list[MILTensorSpec]:
@@ -1386,6 +1393,12 @@ class MILInterpreter:
             )
         for input_spec, slot in zip(self._inputs, self._input_slots, strict=True):
             array = np.asarray(inputs[input_spec.name])
+            allowed = self._enumerated.get(input_spec.name)
+            if allowed is not None and tuple(array.shape) not in allowed:
+                raise ValueError(
+                    f"input {input_spec.name!r} has shape {array.shape}; the package "
+                    f"enumerates {[list(s) for s in allowed]}"
+                )
             if not _shape_matches(array.shape, input_spec.shape):
                 raise ValueError(
                     f"input {input_spec.name!r} has shape {array.shape}, "
@@ -1605,6 +1618,26 @@ def _to_torch_input(array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     elif converted.dtype == np.uint32:
         converted = converted.astype(np.int64)
     return torch.from_numpy(converted.copy() if not converted.flags.writeable else converted)
+
+
+def _enumerated_shapes(spec: Any, function: str) -> dict[str, list[tuple[int, ...]]]:
+    """Enumerated input shapes of ``function`` from a model spec (multifunction packages
+    describe each function; single-function ones only the model's inputs)."""
+    description = spec.description
+    inputs = description.input
+    for described in description.functions:
+        if described.name == function:
+            inputs = described.input
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for feature in inputs:
+        if feature.type.WhichOneof("Type") != "multiArrayType":
+            continue
+        array = feature.type.multiArrayType
+        if array.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+            out[feature.name] = [
+                tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes
+            ]
+    return out
 
 
 def _shape_matches(got: Sequence[int], declared: Sequence[int | None]) -> bool:
