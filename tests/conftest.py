@@ -18,6 +18,8 @@ def tiny_stdit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sora_export.core.cli import main
 
     out = tmp_path_factory.mktemp("bundle") / "out"
-    code = main(["--plugins", "stdit", "--profile", "iphone15pro", "-o", str(out)])
+    code = main(
+        ["--plugins", "stdit", "--profile", "iphone15pro", "--shapes", "default", "-o", str(out)]
+    )
     assert code == 0
     return out
