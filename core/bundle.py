@@ -119,6 +119,7 @@ def result_to_json(r: ChunkResult) -> dict[str, Any]:
         "error": r.error,
         "notes": list(r.notes),
         "cached": r.cached,
+        "lowered_cache": r.lowered_cache,
         "ok": r.ok,
     }
 
@@ -166,6 +167,7 @@ def result_from_json(d: dict[str, Any]) -> ChunkResult:
         error=d.get("error"),
         notes=tuple(d.get("notes", ())),
         cached=bool(d.get("cached", False)),
+        lowered_cache=d.get("lowered_cache", ""),
     )
 
 
@@ -256,6 +258,8 @@ def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
         "random_weights": [c.spec.name for c in plan.components if c.context.weights is None],
         "targets": list(plan.targets),
         "verify": plan.verify,
+        "jobs": plan.jobs,
+        "jobs_reason": plan.jobs_reason,
         "chunks": [result_to_json(r) for r in result.results],
         "pipeline_checks": [
             {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -41,10 +40,10 @@ from sora_export.core.bundle import (
     _write_json,
     build_manifest,
     build_report,
-    package_version,
     result_from_json,
     result_to_json,
 )
+from sora_export.core.cache import LoweredCache, make_key
 from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
 from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
 from sora_export.core.profiles import load_profile_file
@@ -68,7 +67,7 @@ FP16_MAX = 65504.0
 # An fp16 lowering is refused up front when a reference activation exceeds this share of the
 # fp16 range: intermediate sums and the on-device accumulation order add headroom needs.
 FP16_HEADROOM = 0.5
-STAGES = ("build", "reference", "capture", "lower", "quantize", "save", "verify")
+STAGES = ("build", "reference", "capture", "cache", "lower", "quantize", "save", "verify")
 
 
 # -- events: the engine reports progress through a callback, never prints -------------------
@@ -167,6 +166,11 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         raise UsageError(
             "--quantize auto picks each chunk's policy by measuring it: it needs --verify"
         )
+    all_chunks = [c for pc in planned for c in pc.chunks]
+    if request.jobs is None:
+        jobs, reason = auto_jobs(all_chunks, request.host_memory_bytes or host_memory_bytes())
+    else:
+        jobs, reason = request.jobs, ""
     return ExportPlan(
         request=request,
         profile=profile,
@@ -175,12 +179,21 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         components=tuple(planned),
         targets=tuple(dict.fromkeys(targets)),
         verify=verify,
+        jobs=jobs,
+        jobs_reason=reason,
     )
 
 
 # Peak resident bytes per weight while one chunk is captured, converted and saved
-# (measured: STDiT3-XL/2 15 block pairs 9.3, T5-XXL 6 blocks 10.4, both fp32 -> Core ML).
+# (measured: STDiT3-XL/2 15 block pairs 9.3, T5-XXL 6 blocks 10.4, both fp32 -> Core ML),
+# on top of what an export process holds before it builds anything (torch, coremltools and
+# onnx imported: about 0.4 GB).
 EXPORT_BYTES_PER_PARAM = 10.5
+EXPORT_PROCESS_BYTES = 400_000_000
+# Below this many weights in the whole plan, worker processes cost more than they save:
+# starting one (spawn, import torch and coremltools) takes seconds, as long as exporting a
+# tiny model's chunk.
+PARALLEL_MIN_PARAMS = 50_000_000
 
 
 def host_memory_bytes() -> int:
@@ -192,13 +205,52 @@ def host_memory_bytes() -> int:
         return 8 * 1024**3
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def export_peak_bytes(params: int) -> int:
+    """Estimated peak resident memory of one process exporting a chunk of ``params``."""
+    return EXPORT_PROCESS_BYTES + int(params * EXPORT_BYTES_PER_PARAM)
+
+
 def chunk_budget(profile: DeviceProfile, policy: str, request: ExportRequest) -> int:
     """Stored bytes per chunk: the device's budget, capped so that ``--jobs`` chunks can be
-    converted side by side in the export host's memory."""
+    converted side by side in the export host's memory (``--max-memory``, else 75% of RAM).
+    """
     host = request.host_memory_bytes or host_memory_bytes()
-    max_params = host / max(1, request.jobs) / EXPORT_BYTES_PER_PARAM
+    per_worker = host / max(1, request.jobs or 1) - EXPORT_PROCESS_BYTES
+    max_params = max(per_worker, 0) / EXPORT_BYTES_PER_PARAM
     host_cap = int(max_params * bytes_per_param(policy))
     return max(1, min(profile.per_chunk_budget_bytes, host_cap))
+
+
+def auto_jobs(chunks: list[Chunk], host_bytes: int, cores: int | None = None) -> tuple[int, str]:
+    """Worker processes for a plan when ``--jobs`` is not given, and why.
+
+    As many as there are cores, but never more than chunks, never more than the export
+    host's memory holds at the largest chunk's estimated peak (:func:`export_peak_bytes`),
+    and one for plans too small to repay starting workers (``PARALLEL_MIN_PARAMS``).
+    """
+    cores = cores or available_cores()
+    if not chunks:
+        return 1, "nothing to export"
+    total = sum(c.params for c in chunks)
+    if total < PARALLEL_MIN_PARAMS:
+        return 1, f"{total / 1e6:.1f}M weights: too small to repay worker start-up"
+    peak = max(export_peak_bytes(c.params) for c in chunks)
+    fit = max(1, host_bytes // peak)
+    jobs = max(1, min(cores, len(chunks), fit))
+    limits = {
+        "cores": cores,
+        "chunks": len(chunks),
+        f"memory ({host_bytes / 1e9:.1f} GB / {peak / 1e9:.1f} GB per worker)": fit,
+    }
+    why = min(limits, key=lambda k: limits[k])
+    return jobs, f"limited by {why}"
 
 
 def _profile_uses_auto(profile: DeviceProfile) -> bool:
@@ -271,35 +323,54 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-# -- fingerprints for resume ------------------------------------------------------------
-def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) -> str:
+# -- fingerprints for resume and keys for the lowered-model cache -----------------------
+def _chunk_identity(plan: ExportPlan, chunk: Chunk) -> dict[str, Any]:
+    """Everything about a chunk that decides what its export produces, but the policy."""
     comp = next(c for c in plan.components if c.spec.name == chunk.component)
     weights = comp.context.weights
     wstat = None
     if weights is not None and weights.exists():
         st = weights.stat()
         wstat = [str(weights.resolve()), st.st_size, st.st_mtime_ns]
-    blob = json.dumps(
+    profile = plan.profile.to_json()
+    # quantization and gates act after lowering; they never change a lowered model
+    profile.pop("quantization", None)
+    profile.pop("psnr_thresholds_db", None)
+    return {
+        "chunk": chunk.key,
+        "params": chunk.params,
+        "inputs": [s.to_json() for s in chunk.inputs],
+        "outputs": [s.to_json() for s in chunk.outputs],
+        "functions": list(chunk.functions),
+        "meta": _jsonable(chunk.meta),
+        "profile": profile,
+        "profile_options": _jsonable(dict(plan.profile.plugin_options)),
+        "size": plan.request.size,
+        "seed": plan.request.seed,
+        "weights": wstat,
+        "plugins": list(plan.plugins),
+    }
+
+
+def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) -> str:
+    """Identity of one finished artifact, for ``--resume``: chunk, code, policy, gates."""
+    return make_key(
         {
-            "version": package_version(),
-            "chunk": chunk.key,
-            "params": chunk.params,
-            "inputs": [s.to_json() for s in chunk.inputs],
-            "outputs": [s.to_json() for s in chunk.outputs],
-            "functions": list(chunk.functions),
-            "meta": _jsonable(chunk.meta),
+            **_chunk_identity(plan, chunk),
             "target": target,
             "policy": policy,
-            "profile": plan.profile.to_json(),
-            "size": plan.request.size,
-            "seed": plan.request.seed,
-            "weights": wstat,
-            "plugins": list(plan.plugins),
-        },
-        sort_keys=True,
-        default=str,
+            "quantization": attrs.asdict(plan.profile.quantization),
+            "psnr_thresholds_db": dict(plan.profile.psnr_thresholds_db),
+            "verify": plan.verify,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def lowered_key(plan: ExportPlan, chunk: Chunk, target: str, precision: str) -> str:
+    """Cache key of a chunk's lowered models (all functions) at ``precision``."""
+    return make_key(
+        {**_chunk_identity(plan, chunk), "target": target, "precision": precision, "v": 1}
+    )
 
 
 # -- running one chunk -------------------------------------------------------------------
@@ -359,64 +430,126 @@ def _check_inputs(chunk: Chunk, inputs: tuple[torch.Tensor, ...]) -> None:
             )
 
 
-@attrs.define
 class _Prepared:
-    """A chunk's modules per variant, captured programs and fp32 reference outputs."""
+    """A chunk's example inputs, captured programs and fp32 references, made on first use.
 
-    programs: dict[str, Any]
-    references: dict[str, dict[str, np.ndarray]]
-    inputs: dict[str, np.ndarray]
-    max_activation: float | None  # None when not measured (verification off)
-    reference_seconds: float
+    Building (materialising the chunk's weights), the reference forward and capture are
+    the expensive stages; a chunk whose lowered models all come from the cache needs none
+    of them unless it is verified (then only the build and the reference forward).
+    """
 
+    def __init__(
+        self,
+        chunk: Chunk,
+        registry: Registry,
+        active: set[str],
+        profile: DeviceProfile,
+        timings: dict[str, float],
+        sink: EventSink,
+        measure: bool = True,
+    ) -> None:
+        self.chunk, self.registry, self.active, self.profile = chunk, registry, active, profile
+        self.timings, self.sink, self.measure = timings, sink, measure
+        self._measured = False  # references, inputs and max activation are known
+        self._captured = False  # programs are captured
+        self._error: Exception | None = None
+        self._programs: dict[str, Any] = {}
+        self._references: dict[str, dict[str, np.ndarray]] = {}
+        self._inputs: dict[str, np.ndarray] = {}
+        self._max_activation: float | None = None
+        self.reference_seconds = 0.0
 
-def _prepare(
-    chunk: Chunk,
-    registry: Registry,
-    active: set[str],
-    profile: DeviceProfile,
-    timings: dict[str, float],
-    sink: EventSink,
-    measure: bool = True,
-) -> _Prepared:
-    sink(Event("stage", chunk.key, "build"))
-    with _timed(timings, "build"):
-        base = chunk.build()
-        base.eval()
-        for p in base.parameters():
-            p.requires_grad_(False)
-        # contiguous: Core ML rejects captured inputs with a non-default dim order
-        inputs = tuple(t.contiguous() for t in chunk.example_inputs())
-        _check_inputs(chunk, inputs)
-    programs: dict[str, Any] = {}
-    references: dict[str, dict[str, np.ndarray]] = {}
-    max_act: float | None = None
-    ref_seconds = 0.0
-    for variant, module in patched_variants(chunk, base, registry, active, profile):
-        if measure:
-            # one fp32 forward gives the verification reference and the fp16 headroom
-            sink(Event("stage", chunk.key, "reference", variant))
-            with _timed(timings, "reference"):
-                start = time.perf_counter()
-                out, act = _max_activation(module, inputs)
-                # the chunk's inputs count too: an fp16 package receives them in fp16
-                act = max([act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())])
-                ref_seconds += time.perf_counter() - start
-            references[variant] = _outputs_dict(chunk, out)
-            max_act = max(max_act or 0.0, act)
-            del out
-        sink(Event("stage", chunk.key, "capture", variant))
-        with _timed(timings, "capture"):
-            try:
-                programs[variant] = capture(module, inputs)
-            except Exception as exc:
-                raise ExportError(
-                    f"{chunk.key}: torch.export failed for variant {variant!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        del module
-    del base
-    return _Prepared(programs, references, _inputs_dict(chunk, inputs), max_act, ref_seconds)
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The chunk's functions, in order (known without building anything)."""
+        return tuple(self.chunk.functions)
+
+    @property
+    def programs(self) -> dict[str, Any]:
+        if not self._captured:
+            self._prepare(capture_programs=True)
+        return self._programs
+
+    @property
+    def references(self) -> dict[str, dict[str, np.ndarray]]:
+        if not self._measured:
+            self._prepare(capture_programs=False)
+        return self._references
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        if not self._measured:
+            self._prepare(capture_programs=False)
+        return self._inputs
+
+    @property
+    def max_activation(self) -> float | None:
+        """Largest |activation| of the fp32 reference; None when not measured."""
+        if not self.measure:
+            return None
+        if not self._measured:
+            self._prepare(capture_programs=False)
+        return self._max_activation
+
+    def _prepare(self, capture_programs: bool) -> None:
+        """Build the chunk and run what is still missing: reference forward (when
+        measuring) and, if asked, capture. Everything is freed but the results. A failure
+        is remembered: the next target gets the same error without a second attempt."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._build_and_run(capture_programs)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def _build_and_run(self, capture_programs: bool) -> None:
+        chunk, timings, sink = self.chunk, self.timings, self.sink
+        reference = self.measure and not self._measured
+        sink(Event("stage", chunk.key, "build"))
+        with _timed(timings, "build"):
+            base = chunk.build()
+            base.eval()
+            for p in base.parameters():
+                p.requires_grad_(False)
+            # contiguous: Core ML rejects captured inputs with a non-default dim order
+            inputs = tuple(t.contiguous() for t in chunk.example_inputs())
+            _check_inputs(chunk, inputs)
+        max_act: float | None = None
+        for variant, module in patched_variants(
+            chunk, base, self.registry, self.active, self.profile
+        ):
+            if reference:
+                # one fp32 forward gives the verification reference and the fp16 headroom
+                sink(Event("stage", chunk.key, "reference", variant))
+                with _timed(timings, "reference"):
+                    start = time.perf_counter()
+                    out, act = _max_activation(module, inputs)
+                    # the chunk's inputs count too: an fp16 package receives them in fp16
+                    act = max(
+                        [act, *(float(t.abs().max()) for t in inputs if t.is_floating_point())]
+                    )
+                    self.reference_seconds += time.perf_counter() - start
+                self._references[variant] = _outputs_dict(chunk, out)
+                max_act = max(max_act or 0.0, act)
+                del out
+            if capture_programs:
+                sink(Event("stage", chunk.key, "capture", variant))
+                with _timed(timings, "capture"):
+                    try:
+                        self._programs[variant] = capture(module, inputs)
+                    except Exception as exc:
+                        raise ExportError(
+                            f"{chunk.key}: torch.export failed for variant {variant!r}: "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
+            del module
+        del base
+        self._inputs = _inputs_dict(chunk, inputs)
+        if reference:
+            self._max_activation = max_act
+        self._measured = True
+        self._captured = self._captured or capture_programs
 
 
 def patched_variants(
@@ -470,6 +603,8 @@ class _TargetExport:
     timings: dict[str, float]
     sink: EventSink
     notes: list[str] = attrs.Factory(list)
+    cache: LoweredCache | None = None
+    cache_state: str = ""  # "hit" once any lowering came from the cache, "stored", ""
 
     @property
     def forced(self) -> bool:
@@ -540,16 +675,8 @@ class _TargetExport:
     def lower_save_verify(self, policy: str) -> tuple[Artifact, Verification | None]:
         chunk, target, timings, profile = self.chunk, self.target, self.timings, self.plan.profile
         backend = get_backend(target)
-        self.sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
         models: dict[str, Any] = {}
-        for variant, program in self.prepared.programs.items():
-            with _timed(timings, "lower"):
-                try:
-                    model = backend.lower(program, chunk, profile, _lower_precision(policy))
-                except Exception as exc:
-                    raise ExportError(
-                        f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
+        for variant, model in self.lowered(backend, _lower_precision(policy)).items():
             if policy not in ("fp32", "fp16"):
                 self.sink(Event("stage", chunk.key, "quantize", policy))
                 with _timed(timings, "quantize"):
@@ -579,6 +706,41 @@ class _TargetExport:
                     self.prepared.reference_seconds,
                 )
         return artifact, verification
+
+    def lowered(self, backend: Any, precision: str) -> dict[str, Any]:
+        """Every function's lowered model at ``precision``: from the cache when an earlier
+        run lowered the same chunk with the same code, else lowered now (and cached)."""
+        chunk, timings = self.chunk, self.timings
+        cache = self.cache
+        key = lowered_key(self.plan, chunk, self.target, precision) if cache else ""
+        if cache is not None:
+            self.sink(Event("stage", chunk.key, "cache", f"{self.target} {precision}"))
+            with _timed(timings, "cache"):
+                hit = cache.get(key, backend, self.prepared.names)
+            if hit is not None:
+                self.cache_state = "hit"
+                return hit
+        self.sink(Event("stage", chunk.key, "lower", f"{self.target} {precision}"))
+        models: dict[str, Any] = {}
+        for variant, program in self.prepared.programs.items():
+            with _timed(timings, "lower"):
+                try:
+                    models[variant] = backend.lower(program, chunk, self.plan.profile, precision)
+                except Exception as exc:
+                    raise ExportError(
+                        f"{chunk.key}: lowering to {self.target} failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        if cache is not None:
+            with _timed(timings, "cache"):
+                cache.put(
+                    key,
+                    backend,
+                    models,
+                    {"chunk": chunk.key, "target": self.target, "precision": precision},
+                )
+            self.cache_state = self.cache_state or "stored"
+        return models
 
     def quantize(self, model: Any, policy: str) -> Any:
         quantized = self.registry.call(
@@ -696,27 +858,35 @@ def export_chunk(
     timings: dict[str, float] = {}
     policies = {t: _policy(plan, chunk) for t in plan.targets}
     results: list[ChunkResult] = []
-    try:
-        prepared = _prepare(chunk, registry, active, plan.profile, timings, sink, plan.verify)
-    except SoraExportError as exc:
-        return [_failed(chunk, t, policies[t], timings, str(exc)) for t in plan.targets]
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        return [_failed(chunk, t, policies[t], timings, msg) for t in plan.targets]
+    cache = LoweredCache(plan.request.cache_dir) if plan.request.cache_dir else None
+    prepared = _Prepared(chunk, registry, active, plan.profile, timings, sink, plan.verify)
     for target in plan.targets:
-        t_timings = dict(timings)
+        t_timings: dict[str, float] = {}
+        job = _TargetExport(
+            chunk,
+            prepared,
+            target,
+            plan,
+            registry,
+            active,
+            stage_dir,
+            t_timings,
+            sink,
+            cache=cache,
+        )
         try:
-            job = _TargetExport(
-                chunk, prepared, target, plan, registry, active, stage_dir, t_timings, sink
-            )
             artifact, verification, used, notes = job.export(policies[target])
         except SoraExportError as exc:
-            results.append(_failed(chunk, target, policies[target], t_timings, str(exc)))
+            results.append(
+                _failed(chunk, target, policies[target], {**timings, **t_timings}, str(exc))
+            )
             continue
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
-            results.append(_failed(chunk, target, policies[target], t_timings, msg))
+            results.append(_failed(chunk, target, policies[target], {**timings, **t_timings}, msg))
             continue
+        if job.cache_state == "hit":
+            notes.append("lowered model reused from the cache (not captured or lowered again)")
         results.append(
             ChunkResult(
                 chunk_key=chunk.key,
@@ -726,10 +896,12 @@ def export_chunk(
                 artifact=artifact,
                 params=chunk.params,
                 quantization=used,
-                timings=t_timings,
+                # build/reference/capture happen once for all targets; each target shows them
+                timings={**timings, **t_timings},
                 peak_rss_bytes=peak_rss_bytes(),
                 verification=verification,
                 notes=tuple(notes),
+                lowered_cache=job.cache_state,
             )
         )
     del prepared
@@ -807,8 +979,8 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         for r in cached:
             sink(Event("chunk-done", chunk.key, detail="cached", result=r))
     with _sigterm_as_exception(), TreePeakSampler() as sampler:
-        if request.jobs > 1 and len(pending) > 1:
-            finished = _run_parallel(plan, registry, pending, stage, request.jobs, sink)
+        if plan.jobs > 1 and len(pending) > 1:
+            finished = _run_parallel(plan, registry, pending, stage, plan.jobs, sink)
         else:
             finished = _run_serial(plan, registry, active, pending, stage, sink)
         for chunk, chunk_results in finished:

@@ -291,9 +291,11 @@ class ExportRequest:
     targets: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
     quantize: str | None = None
     verify: bool | None = None
-    jobs: int = 1
-    # memory the export may use on this machine; None: 75% of physical memory
+    jobs: int | None = None  # None: chosen from cores, memory and the plan (engine.auto_jobs)
+    # memory the export may use on this machine (all workers together); None: 75% of RAM
     host_memory_bytes: int | None = None
+    # content-addressed cache of lowered models (core.cache); None: no cache
+    cache_dir: Path | None = None
     resume: bool = False
     force: bool = False
     seed: int = 0
@@ -310,6 +312,8 @@ class ExportPlan:
     components: tuple[PlannedComponent, ...] = attrs.field(converter=tuple)
     targets: tuple[str, ...] = attrs.field(converter=tuple)
     verify: bool = True
+    jobs: int = 1  # worker processes (resolved from the request; see engine.auto_jobs)
+    jobs_reason: str = ""  # why that many, when chosen automatically
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -363,7 +367,10 @@ class ChunkResult:
     verification: Verification | None = None
     error: str | None = None
     notes: tuple[str, ...] = ()
-    cached: bool = False
+    cached: bool = False  # the whole result was taken from an earlier run (--resume)
+    # the lowered (pre-quantization) models: "hit" (reused from the cache), "stored"
+    # (lowered now and kept), "" (no cache)
+    lowered_cache: str = ""
 
     @property
     def ok(self) -> bool:
