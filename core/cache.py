@@ -116,6 +116,12 @@ class LoweredCache:
         os.utime(entry)  # recently used: what a size-bounded clean-up would keep
         return models
 
+    def paths(self, key: str, backend: Any, names: tuple[str, ...]) -> dict[str, Path] | None:
+        """Where the entry's artifacts are (checked readable, as :meth:`get`), or None."""
+        if self.get(key, backend, names) is None:
+            return None
+        return {n: self._entry(key) / f"{n}{backend.suffix}" for n in names}
+
     def put(self, key: str, backend: Any, models: Mapping[str, Any], about: Mapping) -> None:
         """Store ``models`` (function name -> lowered model). Failures only log: a cache
         that cannot be written (full disk, read-only home) must not fail the export."""

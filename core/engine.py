@@ -159,7 +159,9 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
                     )
                 extra += [n for n in names_ if n not in extra]
             functions = ("plain", *extra) if extra else ("main",)
-            with_variants.append(attrs.evolve(chunk, functions=functions))
+            _check_parts(spec.plugin, chunk)
+            parts = tuple(attrs.evolve(p, functions=functions) for p in chunk.parts)
+            with_variants.append(attrs.evolve(chunk, functions=functions, parts=parts))
         planned.append(attrs.evolve(pc, chunks=tuple(with_variants)))
     verify = request.verify if request.verify is not None else request.size == "tiny"
     if not verify and (request.quantize == "auto" or _profile_uses_auto(profile)):
@@ -182,6 +184,33 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         jobs=jobs,
         jobs_reason=reason,
     )
+
+
+def _check_parts(plugin: str, chunk: Chunk) -> None:
+    """Parts must chain: every input wired to the chunk or the previous part, the last
+    part's outputs the chunk's, the weights adding up (see ``Chunk.parts``)."""
+    if not chunk.parts:
+        return
+
+    def bad(why: str) -> PluginError:
+        return PluginError(plugin, "sora_export_chunk_component", f"{chunk.key} parts: {why}")
+
+    chunk_inputs = {s.name for s in chunk.inputs}
+    previous: set[str] = set()
+    for i, part in enumerate(chunk.parts):
+        for spec in part.inputs:
+            source = part.wiring.get(spec.name, "")
+            kind, _, name = source.partition(":")
+            if kind == "chunk" and name in chunk_inputs:
+                continue
+            if kind == "previous" and i and name in previous:
+                continue
+            raise bad(f"{part.name}: input {spec.name!r} wired to {source!r}")
+        previous = {s.name for s in part.outputs}
+    if [s.to_json() for s in chunk.parts[-1].outputs] != [s.to_json() for s in chunk.outputs]:
+        raise bad("the last part's outputs are not the chunk's outputs")
+    if sum(p.params for p in chunk.parts) != chunk.params:
+        raise bad("the parts' weights do not add up to the chunk's")
 
 
 # Peak resident bytes per weight while one chunk is captured, converted and saved
@@ -585,6 +614,79 @@ def patched_variants(
         yield variant, module
 
 
+def by_parts(plan: ExportPlan, chunk: Chunk, target: str) -> bool:
+    """Whether ``chunk`` is converted part by part and stitched (Core ML only so far)."""
+    request = plan.request
+    return (
+        target == "coreml"
+        and len(chunk.parts) > 1
+        and not request.whole_chunks
+        and chunk.params >= request.stitch_min_params
+    )
+
+
+PARTS_CACHE = ".parts-cache"  # in the staging directory, when no cache directory is set
+
+
+def part_cache(plan: ExportPlan, stage: Path) -> LoweredCache:
+    return LoweredCache(plan.request.cache_dir or stage / PARTS_CACHE)
+
+
+def lower_programs(
+    backend: Any,
+    prepared: _Prepared,
+    chunk: Chunk,
+    profile: DeviceProfile,
+    precision: str,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+) -> dict[str, Any]:
+    """Lower every captured function of ``prepared`` to ``backend`` at ``precision``."""
+    models: dict[str, Any] = {}
+    for variant, program in prepared.programs.items():
+        sink(Event("stage", chunk.key, "lower", f"{backend.name} {precision}"))
+        with _timed(timings, "lower"):
+            try:
+                models[variant] = backend.lower(program, chunk, profile, precision)
+            except Exception as exc:
+                raise ExportError(
+                    f"{chunk.key}: lowering to {backend.name} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+    return models
+
+
+def lower_part(
+    plan: ExportPlan,
+    registry: Registry,
+    chunk: Chunk,
+    part: Chunk,
+    target: str,
+    precision: str,
+    cache: LoweredCache,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+) -> tuple[dict[str, Any], bool]:
+    """One part's lowered models, from ``cache`` or captured and lowered now (and cached).
+
+    Returns the models and whether they came from the cache. Parts are never verified on
+    their own (the stitched chunk is), so nothing but the part is built and captured.
+    """
+    backend = get_backend(target)
+    key = lowered_key(plan, part, target, precision)
+    sink(Event("stage", chunk.key, "cache", f"{part.name} {precision}"))
+    with _timed(timings, "cache"):
+        hit = cache.get(key, backend, tuple(part.functions))
+    if hit is not None:
+        return hit, True
+    prepared = _Prepared(part, registry, set(plan.plugins), plan.profile, timings, sink, False)
+    models = lower_programs(backend, prepared, part, plan.profile, precision, timings, sink)
+    del prepared
+    with _timed(timings, "cache"):
+        about = {"chunk": part.key, "target": target, "precision": precision}
+        cache.put(key, backend, models, about)
+    return models, False
+
+
 def _lower_precision(policy: str) -> str:
     return "fp32" if policy == "fp32" else "fp16"
 
@@ -604,7 +706,10 @@ class _TargetExport:
     sink: EventSink
     notes: list[str] = attrs.Factory(list)
     cache: LoweredCache | None = None
-    cache_state: str = ""  # "hit" once any lowering came from the cache, "stored", ""
+    # where parts' lowered models go (the cache, else a folder in the staging directory)
+    part_cache: LoweredCache | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     @property
     def forced(self) -> bool:
@@ -675,17 +780,20 @@ class _TargetExport:
     def lower_save_verify(self, policy: str) -> tuple[Artifact, Verification | None]:
         chunk, target, timings, profile = self.chunk, self.target, self.timings, self.plan.profile
         backend = get_backend(target)
-        models: dict[str, Any] = {}
-        for variant, model in self.lowered(backend, _lower_precision(policy)).items():
-            if policy not in ("fp32", "fp16"):
-                self.sink(Event("stage", chunk.key, "quantize", policy))
-                with _timed(timings, "quantize"):
-                    model = self.quantize(model, policy)
-            models[variant] = model
-        self.sink(Event("stage", chunk.key, "save", target))
-        with _timed(timings, "save"):
-            final, functions = self.save(backend, models)
-        del models
+        if by_parts(self.plan, chunk, target):
+            final, functions = self.export_by_parts(backend, policy)
+        else:
+            models: dict[str, Any] = {}
+            for variant, model in self.lowered(backend, _lower_precision(policy)).items():
+                if policy not in ("fp32", "fp16"):
+                    self.sink(Event("stage", chunk.key, "quantize", policy))
+                    with _timed(timings, "quantize"):
+                        model = self.quantize(model, policy)
+                models[variant] = model
+            self.sink(Event("stage", chunk.key, "save", target))
+            with _timed(timings, "save"):
+                final, functions = self.save(backend, models)
+            del models
         artifact = Artifact(
             target=target,
             path=str(final.relative_to(self.stage_dir)),
@@ -707,40 +815,105 @@ class _TargetExport:
                 )
         return artifact, verification
 
-    def lowered(self, backend: Any, precision: str) -> dict[str, Any]:
-        """Every function's lowered model at ``precision``: from the cache when an earlier
-        run lowered the same chunk with the same code, else lowered now (and cached)."""
-        chunk, timings = self.chunk, self.timings
-        cache = self.cache
+    def lowered(self, backend: Any, precision: str, part: Chunk | None = None) -> dict[str, Any]:
+        """Every function's lowered model at ``precision`` (of the chunk, or of one of its
+        parts): from the cache when an earlier run lowered the same thing with the same
+        code, else lowered now (and cached)."""
+        if part is not None:
+            assert self.part_cache is not None
+            models, hit = lower_part(
+                self.plan,
+                self.registry,
+                self.chunk,
+                part,
+                self.target,
+                precision,
+                self.part_cache,
+                self.timings,
+                self.sink,
+            )
+            self.cache_hits += hit
+            self.cache_misses += not hit
+            return models
+        chunk, cache = self.chunk, self.cache
         key = lowered_key(self.plan, chunk, self.target, precision) if cache else ""
         if cache is not None:
             self.sink(Event("stage", chunk.key, "cache", f"{self.target} {precision}"))
-            with _timed(timings, "cache"):
-                hit = cache.get(key, backend, self.prepared.names)
+            with _timed(self.timings, "cache"):
+                hit = cache.get(key, backend, tuple(chunk.functions))
             if hit is not None:
-                self.cache_state = "hit"
+                self.cache_hits += 1
                 return hit
-        self.sink(Event("stage", chunk.key, "lower", f"{self.target} {precision}"))
-        models: dict[str, Any] = {}
-        for variant, program in self.prepared.programs.items():
-            with _timed(timings, "lower"):
-                try:
-                    models[variant] = backend.lower(program, chunk, self.plan.profile, precision)
-                except Exception as exc:
-                    raise ExportError(
-                        f"{chunk.key}: lowering to {self.target} failed: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
+        models = lower_programs(
+            backend, self.prepared, chunk, self.plan.profile, precision, self.timings, self.sink
+        )
         if cache is not None:
-            with _timed(timings, "cache"):
-                cache.put(
-                    key,
-                    backend,
-                    models,
-                    {"chunk": chunk.key, "target": self.target, "precision": precision},
-                )
-            self.cache_state = self.cache_state or "stored"
+            with _timed(self.timings, "cache"):
+                about = {"chunk": chunk.key, "target": self.target, "precision": precision}
+                cache.put(key, backend, models, about)
+            self.cache_misses += 1
         return models
+
+    @property
+    def cache_state(self) -> str:
+        """``hit`` when every lowering came from the cache, ``stored`` when some was made
+        now and cached, ``""`` without a cache."""
+        if self.cache_misses:
+            return "stored"
+        return "hit" if self.cache_hits else ""
+
+    def export_by_parts(self, backend: Any, policy: str) -> tuple[Path, tuple[str, ...]]:
+        """Convert (or take from the cache) each part, quantize it, and stitch the parts
+        into the chunk's package. Holds one part's models at a time."""
+        from sora_export.core.backends.stitch import StitchError, stitch_packages
+
+        chunk, precision = self.chunk, _lower_precision(policy)
+        folder = self.stage_dir / chunk.component
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
+        work = folder / f".parts-{os.getpid()}-{chunk.index:02d}-{chunk.name}"
+        tmp = folder / f".tmp-{os.getpid()}-{final.name}"
+        remove_path(work)
+        remove_path(tmp)
+        try:
+            work.mkdir()
+            located = []
+            for part in chunk.parts:
+                key = lowered_key(self.plan, part, self.target, precision)
+                models = self.lowered(backend, precision, part)
+                if policy in ("fp32", "fp16"):
+                    where = self.part_cache.paths(key, backend, tuple(part.functions))
+                    if where is not None:  # stitch straight from the cache entry
+                        located.append({f: (path, "main") for f, path in where.items()})
+                        continue
+                saved = {}
+                for function, model in models.items():
+                    if policy not in ("fp32", "fp16"):
+                        self.sink(Event("stage", chunk.key, "quantize", f"{part.name} {policy}"))
+                        with _timed(self.timings, "quantize"):
+                            model = self.quantize(model, policy)
+                    path = work / f"{part.index:03d}-{function}{backend.suffix}"
+                    with _timed(self.timings, "save"):
+                        backend.save({"main": model}, path)
+                    saved[function] = (path, "main")
+                located.append(saved)
+                del models
+            self.sink(Event("stage", chunk.key, "save", f"stitch {len(located)} parts"))
+            with _timed(self.timings, "save"):
+                stitch_packages(located, [p.wiring for p in chunk.parts], chunk.functions, tmp)
+                atomic_replace(tmp, final)
+        except StitchError as exc:
+            raise ExportError(f"{chunk.key}: stitching its parts failed: {exc}") from exc
+        except OSError as exc:
+            raise ExportError(
+                f"{chunk.key}: cannot write {str(final)!r}: {exc.strerror or exc}"
+                + (" (disk full)" if getattr(exc, "errno", None) == 28 else "")
+            ) from exc
+        finally:
+            remove_path(work)
+            remove_path(tmp)
+        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched")
+        return final, tuple(chunk.functions)
 
     def quantize(self, model: Any, policy: str) -> Any:
         quantized = self.registry.call(
@@ -873,6 +1046,7 @@ def export_chunk(
             t_timings,
             sink,
             cache=cache,
+            part_cache=part_cache(plan, stage_dir),
         )
         try:
             artifact, verification, used, notes = job.export(policies[target])
@@ -1012,6 +1186,7 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         raise ExportFailed(result, stage)
     # publish: the old bundle (if --force/--resume) is replaced only now
     (stage / PROGRESS_FILE).unlink(missing_ok=True)
+    remove_path(stage / PARTS_CACHE)
     if request.output.exists():
         atomic_replace(stage, request.output)
     else:
@@ -1072,6 +1247,39 @@ def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResul
     return export_chunk(chunk, plan, _WORKER_REGISTRY, set(plan.plugins), stage)
 
 
+def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> dict[str, float]:
+    """Lower one part of a chunk into the part cache, ahead of the chunk's own task (which
+    then finds it there and only quantizes and stitches). Returns the stage timings."""
+    assert _WORKER_REGISTRY is not None
+    chunk = plan.chunks[index]
+    timings: dict[str, float] = {}
+    precision = _lower_precision(_policy(plan, chunk))
+    cache = part_cache(plan, stage)
+    lower_part(
+        plan, _WORKER_REGISTRY, chunk, chunk.parts[part], "coreml", precision, cache, timings
+    )
+    return timings
+
+
+def _part_tasks(plan: ExportPlan, chunk: Chunk) -> list[int]:
+    """Parts to lower ahead in workers: those of a chunk converted part by part."""
+    if "coreml" in plan.targets and by_parts(plan, chunk, "coreml"):
+        return list(range(len(chunk.parts)))
+    return []
+
+
+def _add_timings(results: list[ChunkResult], extra: dict[str, float]) -> list[ChunkResult]:
+    if not extra:
+        return results
+    out = []
+    for r in results:
+        timings = dict(r.timings)
+        for stage, seconds in extra.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        out.append(attrs.evolve(r, timings=timings))
+    return out
+
+
 def _run_parallel(
     plan: ExportPlan,
     registry: Registry,
@@ -1082,9 +1290,12 @@ def _run_parallel(
 ) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
     """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix).
 
-    A worker that dies (e.g. killed for memory) breaks the pool; the unfinished chunks are
-    retried once in a fresh pool, so only a chunk that kills its worker twice fails, with
-    an error saying so.
+    The parts of chunks converted part by part are lowered first, each as its own task, so
+    the workers share even a plan of few big chunks; a chunk's own task (quantize, stitch,
+    verify) starts when its parts are done. A worker that dies (e.g. killed for memory)
+    breaks the pool; the unfinished chunks are retried once in a fresh pool (parts already
+    lowered are found in the cache), so only a chunk that kills its worker twice fails,
+    with an error saying so.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -1111,20 +1322,52 @@ def _run_parallel(
             initializer=_worker_init,
             initargs=(registry.extra_modules,),
         ) as pool:
-            futures = {}
+            futures: dict[Any, tuple[str, Chunk]] = {}
+            waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
+            part_timings: dict[str, dict[str, float]] = {}
             for chunk in todo:
                 attempts[chunk.key] += 1
-                futures[pool.submit(_worker_export, plan, index_of[chunk.key], stage)] = chunk
                 sink(Event("chunk-start", chunk.key))
+                parts = _part_tasks(plan, chunk)
+                waiting[chunk.key] = len(parts)
+                part_timings[chunk.key] = {}
+                for i in parts:
+                    future = pool.submit(_worker_lower_part, plan, index_of[chunk.key], i, stage)
+                    futures[future] = ("part", chunk)
+                if not parts:
+                    future = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
+                    futures[future] = ("chunk", chunk)
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for future in done:
-                    chunk = futures[future]
+                    kind, chunk = futures[future]
+                    if kind == "part":
+                        try:
+                            for stage_name, seconds in future.result().items():
+                                t = part_timings[chunk.key]
+                                t[stage_name] = t.get(stage_name, 0.0) + seconds
+                        except BrokenProcessPool:
+                            if chunk not in broken:
+                                broken.append(chunk)
+                            continue
+                        except Exception:
+                            pass  # the chunk's own task lowers the part again and reports
+                        waiting[chunk.key] -= 1
+                        if waiting[chunk.key] == 0 and chunk not in broken:
+                            try:
+                                nxt = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
+                            except BrokenProcessPool:
+                                broken.append(chunk)
+                                continue
+                            futures[nxt] = ("chunk", chunk)
+                            remaining.add(nxt)
+                        continue
                     try:
-                        yield chunk, future.result()
+                        yield chunk, _add_timings(future.result(), part_timings[chunk.key])
                     except BrokenProcessPool:
-                        broken.append(chunk)
+                        if chunk not in broken:
+                            broken.append(chunk)
                     except Exception as exc:
                         message = f"worker failed: {type(exc).__name__}: {exc}"
                         yield (

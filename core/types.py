@@ -7,7 +7,7 @@ happens at the boundaries (CLI, profile TOML, checkpoint loading), not in these 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -204,10 +204,56 @@ class Chunk:
     wiring: Mapping[str, str] = attrs.field(factory=dict)
     functions: tuple[str, ...] = ("main",)
     meta: Mapping[str, Any] = attrs.field(factory=dict)
+    # Optional: smaller chunks that, run one after another, compute this one (e.g. one
+    # block pair each). The engine may convert them separately -- in parallel, cached part
+    # by part, with a fraction of the memory -- and stitch the results into this chunk's
+    # package. A part's ``wiring`` maps each of its inputs to ``"chunk:NAME"`` (this
+    # chunk's input) or ``"previous:NAME"`` (the previous part's output); the last part's
+    # outputs are this chunk's outputs. See :func:`chained_parts`.
+    parts: tuple[Chunk, ...] = attrs.field(converter=tuple, factory=tuple)
 
     @property
     def key(self) -> str:
         return f"{self.component}/{self.name}"
+
+
+def chained_parts(
+    chunk: Chunk,
+    pieces: Sequence[tuple[str, ModuleBuilder, int, Mapping[str, Any]]],
+    carry: Mapping[str, str],
+) -> tuple[Chunk, ...]:
+    """Parts of ``chunk`` that run in sequence with the chunk's own inputs and outputs.
+
+    ``pieces`` are ``(name, build, params, meta)`` in order; every part takes the chunk's
+    inputs (and example inputs: capture only needs their shapes) except that input ``n`` in
+    ``carry`` comes from the previous part's output ``carry[n]`` (e.g. ``{"tokens":
+    "tokens_out"}``). The parts' params must add up to the chunk's.
+    """
+    if sum(p for _, _, p, _ in pieces) != chunk.params:
+        raise ValueError(f"{chunk.key}: parts hold a different number of weights than the chunk")
+    names = {s.name for s in chunk.inputs}
+    outputs = {s.name for s in chunk.outputs}
+    for src, dst in carry.items():
+        if src not in names or dst not in outputs:
+            raise ValueError(f"{chunk.key}: carry {src!r} <- {dst!r} names no input/output")
+    return tuple(
+        Chunk(
+            component=chunk.component,
+            index=i,
+            name=f"{chunk.name}.{name}",
+            build=build,
+            example_inputs=chunk.example_inputs,
+            inputs=chunk.inputs,
+            outputs=chunk.outputs,
+            params=params,
+            wiring={
+                s.name: f"previous:{carry[s.name]}" if i and s.name in carry else f"chunk:{s.name}"
+                for s in chunk.inputs
+            },
+            meta=meta,
+        )
+        for i, (name, build, params, meta) in enumerate(pieces)
+    )
 
 
 @attrs.frozen
@@ -279,6 +325,11 @@ class PlannedComponent:
     chunks: tuple[Chunk, ...] = attrs.field(converter=tuple)
 
 
+# Below this, converting a chunk part by part costs more (a capture and a conversion per
+# part) than converting it whole; tiny models never reach it.
+STITCH_MIN_PARAMS = 20_000_000
+
+
 @attrs.frozen
 class ExportRequest:
     """Everything the user asked for, already parsed (the CLI's only product)."""
@@ -296,6 +347,10 @@ class ExportRequest:
     host_memory_bytes: int | None = None
     # content-addressed cache of lowered models (core.cache); None: no cache
     cache_dir: Path | None = None
+    # Core ML chunks with parts (Chunk.parts) of at least this many weights are converted
+    # part by part and stitched; whole_chunks converts every chunk as one graph
+    stitch_min_params: int = STITCH_MIN_PARAMS
+    whole_chunks: bool = False
     resume: bool = False
     force: bool = False
     seed: int = 0
