@@ -100,7 +100,8 @@ def main() -> None:
             profile = one_graph_profile(Path(tmp))
             out = Path(tmp) / "one"
             policy = ["--quantize", args.quantize, "--profile", str(profile)]
-            rows.append(run_export([*base, "--no-cache", *policy, "-o", str(out)]))
+            naive = ["--no-cache", "--whole-chunks", "--jobs", "1"]
+            rows.append(run_export([*base, *naive, *policy, "-o", str(out)]))
     table = Table(title=f"sora-export at scale ({args.case})", header_style="bold")
     for col in ("command", "jobs", "wall s", "peak RSS (tree)", "bundle", "chunks", "from cache"):
         table.add_column(col)
