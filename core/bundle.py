@@ -128,6 +128,7 @@ def result_to_json(r: ChunkResult) -> dict[str, Any]:
         "cached": r.cached,
         "strategy": r.strategy,
         "strategy_note": r.strategy_note,
+        "lowered_cache": r.lowered_cache,
         "ok": r.ok,
     }
 
@@ -178,6 +179,7 @@ def result_from_json(d: dict[str, Any]) -> ChunkResult:
         cached=bool(d.get("cached", False)),
         strategy=d.get("strategy", "static"),
         strategy_note=d.get("strategy_note", ""),
+        lowered_cache=d.get("lowered_cache", ""),
     )
 
 
@@ -300,6 +302,8 @@ def build_report(plan: ExportPlan, result: RunResult) -> dict[str, Any]:
         "random_weights": [c.spec.name for c in plan.components if c.context.weights is None],
         "targets": list(plan.targets),
         "verify": plan.verify,
+        "jobs": plan.jobs,
+        "jobs_reason": plan.jobs_reason,
         "chunks": [result_to_json(r) for r in result.results],
         "pipeline_checks": [
             {

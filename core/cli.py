@@ -31,14 +31,37 @@ def _weights_arg(text: str) -> tuple[str, Path]:
     return name.strip(), Path(path)
 
 
-def _jobs_arg(text: str) -> int:
+def _jobs_arg(text: str) -> int | None:
+    if text == "auto":
+        return None
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--jobs takes a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--jobs takes a whole number or 'auto', got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError("--jobs must be at least 1")
     return value
+
+
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _size_arg(text: str) -> int:
+    """``4G``, ``4GB``, ``3500M``, ``4e9``: bytes (decimal units, as the report prints)."""
+    raw = text.strip().upper().removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _UNITS and raw[-1:] != "" else ""
+    number = raw[: len(raw) - len(unit)] if unit else raw
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 4G or 3500M, got {text!r}"
+        ) from None
+    if value < 100e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is too little memory to export anything")
+    return int(value)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -86,7 +109,36 @@ def export_parser() -> argparse.ArgumentParser:
         default=None,
         help="check every artifact against PyTorch (default: on for --size tiny)",
     )
-    p.add_argument("--jobs", type=_jobs_arg, default=1, help="chunks exported in parallel")
+    p.add_argument(
+        "--jobs",
+        type=_jobs_arg,
+        default=None,
+        metavar="N|auto",
+        help="chunks exported in parallel (default auto: from cores, memory and the plan)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="memory all export processes together may use, e.g. 4G (default 75%% of RAM); "
+        "chunks are made small enough to fit",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="cache of lowered models (default $SORA_EXPORT_CACHE or ~/.cache/sora-export)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the lowered-model cache"
+    )
+    p.add_argument(
+        "--whole-chunks",
+        action="store_true",
+        help="convert every chunk as one graph, never part by part (needs more memory)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted export")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
@@ -170,6 +222,8 @@ def run_export(argv: Sequence[str]) -> int:
         raise UsageError("--plugins is required, e.g. --plugins stdit (see --list-plugins)")
     if args.force and args.resume:
         raise UsageError("--force and --resume exclude each other")
+    from sora_export.core.cache import default_cache_dir
+
     weights: dict[str, Path] = {}
     for name, path in args.weights:
         if name in weights:
@@ -185,6 +239,9 @@ def run_export(argv: Sequence[str]) -> int:
         quantize=args.quantize,
         verify=args.verify,
         jobs=args.jobs,
+        host_memory_bytes=args.max_memory,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        whole_chunks=args.whole_chunks,
         resume=args.resume,
         force=args.force,
         seed=args.seed,

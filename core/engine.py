@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -41,10 +40,10 @@ from sora_export.core.bundle import (
     _write_json,
     build_manifest,
     build_report,
-    package_version,
     result_from_json,
     result_to_json,
 )
+from sora_export.core.cache import LoweredCache, make_key
 from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
 from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
 from sora_export.core.profiles import load_profile_file
@@ -70,7 +69,7 @@ FP16_MAX = 65504.0
 # An fp16 lowering is refused up front when a reference activation exceeds this share of the
 # fp16 range: intermediate sums and the on-device accumulation order add headroom needs.
 FP16_HEADROOM = 0.5
-STAGES = ("build", "reference", "capture", "lower", "quantize", "save", "verify")
+STAGES = ("build", "reference", "capture", "cache", "lower", "quantize", "save", "verify")
 
 
 # -- events: the engine reports progress through a callback, never prints -------------------
@@ -142,17 +141,45 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
                     )
                 extra += [n for n in names_ if n not in extra]
             functions = ("plain", *extra) if extra else ("main",)
-            at_shapes = {
-                name: attrs.evolve(c, functions=functions, shapes={})
-                for name, c in chunk.shapes.items()
-            }
-            with_variants.append(attrs.evolve(chunk, functions=functions, shapes=at_shapes))
+            _check_parts(spec.plugin, chunk)
+            at_shapes = {}
+            for name, c in chunk.shapes.items():
+                _check_parts(spec.plugin, c)
+                if len(c.parts) != len(chunk.parts):
+                    raise PluginError(
+                        spec.plugin,
+                        "sora_export_chunk_component",
+                        f"{chunk.key} has {len(chunk.parts)} parts at {chunk.shape} but "
+                        f"{len(c.parts)} at {name}",
+                    )
+                at_shapes[name] = attrs.evolve(c, functions=functions, shapes={}, parts=())
+            # each part carries its twins at the other shapes, like its chunk
+            parts = tuple(
+                attrs.evolve(
+                    part,
+                    functions=functions,
+                    shape=chunk.shape,
+                    shapes={
+                        name: attrs.evolve(c.parts[i], functions=functions, shape=name)
+                        for name, c in chunk.shapes.items()
+                    },
+                )
+                for i, part in enumerate(chunk.parts)
+            )
+            with_variants.append(
+                attrs.evolve(chunk, functions=functions, shapes=at_shapes, parts=parts)
+            )
         planned.append(attrs.evolve(pc, chunks=tuple(with_variants)))
     verify = request.verify if request.verify is not None else request.size == "tiny"
     if not verify and (request.quantize == "auto" or _profile_uses_auto(profile)):
         raise UsageError(
             "--quantize auto picks each chunk's policy by measuring it: it needs --verify"
         )
+    all_chunks = [c for pc in planned for c in pc.chunks]
+    if request.jobs is None:
+        jobs, reason = auto_jobs(all_chunks, request.host_memory_bytes or host_memory_bytes())
+    else:
+        jobs, reason = request.jobs, ""
     return ExportPlan(
         request=request,
         profile=profile,
@@ -162,6 +189,8 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         targets=tuple(dict.fromkeys(targets)),
         verify=verify,
         shapes=shapes,
+        jobs=jobs,
+        jobs_reason=reason,
     )
 
 
@@ -231,9 +260,43 @@ def _match_shapes(spec: Any, per_shape: list[tuple[str, list[Chunk]]]) -> list[C
     return out
 
 
+def _check_parts(plugin: str, chunk: Chunk) -> None:
+    """Parts must chain: every input wired to the chunk or the previous part, the last
+    part's outputs the chunk's, the weights adding up (see ``Chunk.parts``)."""
+    if not chunk.parts:
+        return
+
+    def bad(why: str) -> PluginError:
+        return PluginError(plugin, "sora_export_chunk_component", f"{chunk.key} parts: {why}")
+
+    chunk_inputs = {s.name for s in chunk.inputs}
+    previous: set[str] = set()
+    for i, part in enumerate(chunk.parts):
+        for spec in part.inputs:
+            source = part.wiring.get(spec.name, "")
+            kind, _, name = source.partition(":")
+            if kind == "chunk" and name in chunk_inputs:
+                continue
+            if kind == "previous" and i and name in previous:
+                continue
+            raise bad(f"{part.name}: input {spec.name!r} wired to {source!r}")
+        previous = {s.name for s in part.outputs}
+    if [s.to_json() for s in chunk.parts[-1].outputs] != [s.to_json() for s in chunk.outputs]:
+        raise bad("the last part's outputs are not the chunk's outputs")
+    if sum(p.params for p in chunk.parts) != chunk.params:
+        raise bad("the parts' weights do not add up to the chunk's")
+
+
 # Peak resident bytes per weight while one chunk is captured, converted and saved
-# (measured: STDiT3-XL/2 15 block pairs 9.3, T5-XXL 6 blocks 10.4, both fp32 -> Core ML).
+# (measured: STDiT3-XL/2 15 block pairs 9.3, T5-XXL 6 blocks 10.4, both fp32 -> Core ML),
+# on top of what an export process holds before it builds anything (torch, coremltools and
+# onnx imported: about 0.4 GB).
 EXPORT_BYTES_PER_PARAM = 10.5
+EXPORT_PROCESS_BYTES = 400_000_000
+# Below this many weights in the whole plan, worker processes cost more than they save:
+# starting one (spawn, import torch and coremltools) takes seconds, as long as exporting a
+# tiny model's chunk.
+PARALLEL_MIN_PARAMS = 50_000_000
 
 
 def host_memory_bytes() -> int:
@@ -245,13 +308,52 @@ def host_memory_bytes() -> int:
         return 8 * 1024**3
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def export_peak_bytes(params: int) -> int:
+    """Estimated peak resident memory of one process exporting a chunk of ``params``."""
+    return EXPORT_PROCESS_BYTES + int(params * EXPORT_BYTES_PER_PARAM)
+
+
 def chunk_budget(profile: DeviceProfile, policy: str, request: ExportRequest) -> int:
     """Stored bytes per chunk: the device's budget, capped so that ``--jobs`` chunks can be
-    converted side by side in the export host's memory."""
+    converted side by side in the export host's memory (``--max-memory``, else 75% of RAM).
+    """
     host = request.host_memory_bytes or host_memory_bytes()
-    max_params = host / max(1, request.jobs) / EXPORT_BYTES_PER_PARAM
+    per_worker = host / max(1, request.jobs or 1) - EXPORT_PROCESS_BYTES
+    max_params = max(per_worker, 0) / EXPORT_BYTES_PER_PARAM
     host_cap = int(max_params * bytes_per_param(policy))
     return max(1, min(profile.per_chunk_budget_bytes, host_cap))
+
+
+def auto_jobs(chunks: list[Chunk], host_bytes: int, cores: int | None = None) -> tuple[int, str]:
+    """Worker processes for a plan when ``--jobs`` is not given, and why.
+
+    As many as there are cores, but never more than chunks, never more than the export
+    host's memory holds at the largest chunk's estimated peak (:func:`export_peak_bytes`),
+    and one for plans too small to repay starting workers (``PARALLEL_MIN_PARAMS``).
+    """
+    cores = cores or available_cores()
+    if not chunks:
+        return 1, "nothing to export"
+    total = sum(c.params for c in chunks)
+    if total < PARALLEL_MIN_PARAMS:
+        return 1, f"{total / 1e6:.1f}M weights: too small to repay worker start-up"
+    peak = max(export_peak_bytes(c.params) for c in chunks)
+    fit = max(1, host_bytes // peak)
+    jobs = max(1, min(cores, len(chunks), fit))
+    limits = {
+        "cores": cores,
+        "chunks": len(chunks),
+        f"memory ({host_bytes / 1e9:.1f} GB / {peak / 1e9:.1f} GB per worker)": fit,
+    }
+    why = min(limits, key=lambda k: limits[k])
+    return jobs, f"limited by {why}"
 
 
 def _profile_uses_auto(profile: DeviceProfile) -> bool:
@@ -324,39 +426,58 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-# -- fingerprints for resume ------------------------------------------------------------
-def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) -> str:
+# -- fingerprints for resume and keys for the lowered-model cache -----------------------
+def _chunk_identity(plan: ExportPlan, chunk: Chunk) -> dict[str, Any]:
+    """Everything about a chunk that decides what its export produces, but the policy."""
     comp = next(c for c in plan.components if c.spec.name == chunk.component)
     weights = comp.context.weights
     wstat = None
     if weights is not None and weights.exists():
         st = weights.stat()
         wstat = [str(weights.resolve()), st.st_size, st.st_mtime_ns]
-    blob = json.dumps(
+    profile = plan.profile.to_json()
+    # quantization and gates act after lowering; they never change a lowered model
+    profile.pop("quantization", None)
+    profile.pop("psnr_thresholds_db", None)
+    return {
+        "chunk": chunk.key,
+        "params": chunk.params,
+        "inputs": [s.to_json() for s in chunk.inputs],
+        "outputs": [s.to_json() for s in chunk.outputs],
+        "functions": list(chunk.functions),
+        "shapes": {
+            name: [[s.to_json() for s in c.inputs], [s.to_json() for s in c.outputs]]
+            for name, c in chunk.shapes.items()
+        },
+        "meta": _jsonable(chunk.meta),
+        "profile": profile,
+        "profile_options": _jsonable(dict(plan.profile.plugin_options)),
+        "size": plan.request.size,
+        "seed": plan.request.seed,
+        "weights": wstat,
+        "plugins": list(plan.plugins),
+    }
+
+
+def chunk_fingerprint(plan: ExportPlan, chunk: Chunk, target: str, policy: str) -> str:
+    """Identity of one finished artifact, for ``--resume``: chunk, code, policy, gates."""
+    return make_key(
         {
-            "version": package_version(),
-            "chunk": chunk.key,
-            "params": chunk.params,
-            "inputs": [s.to_json() for s in chunk.inputs],
-            "outputs": [s.to_json() for s in chunk.outputs],
-            "functions": list(chunk.functions),
-            "shapes": {
-                name: [[s.to_json() for s in c.inputs], [s.to_json() for s in c.outputs]]
-                for name, c in chunk.shapes.items()
-            },
-            "meta": _jsonable(chunk.meta),
+            **_chunk_identity(plan, chunk),
             "target": target,
             "policy": policy,
-            "profile": plan.profile.to_json(),
-            "size": plan.request.size,
-            "seed": plan.request.seed,
-            "weights": wstat,
-            "plugins": list(plan.plugins),
-        },
-        sort_keys=True,
-        default=str,
+            "quantization": attrs.asdict(plan.profile.quantization),
+            "psnr_thresholds_db": dict(plan.profile.psnr_thresholds_db),
+            "verify": plan.verify,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def lowered_key(plan: ExportPlan, chunk: Chunk, target: str, precision: str) -> str:
+    """Cache key of a chunk's lowered models (all functions) at ``precision``."""
+    return make_key(
+        {**_chunk_identity(plan, chunk), "target": target, "precision": precision, "v": 1}
+    )
 
 
 # -- running one chunk -------------------------------------------------------------------
@@ -436,18 +557,6 @@ class _Case:
     reference: dict[str, np.ndarray]
 
 
-@attrs.define
-class _Prepared:
-    """A chunk's captured functions, its verification cases and how it takes its shapes."""
-
-    programs: dict[str, _Program]
-    cases: list[_Case]
-    max_activation: float | None  # None when not measured (verification off)
-    reference_seconds: float
-    strategy: str = "static"
-    strategy_note: str = ""
-
-
 # A shape-polymorphic program must reproduce its own module at every shape this closely
 # (fp32 against fp32: only summation order differs), else the chunk is captured per shape.
 DYNAMIC_AGREEMENT_DB = 100.0
@@ -475,137 +584,221 @@ def _capture_dynamic(
         return capture(module, inputs, dynamic_shapes=spec)
 
 
-def _prepare(
-    chunk: Chunk,
-    registry: Registry,
-    active: set[str],
-    profile: DeviceProfile,
-    timings: dict[str, float],
-    sink: EventSink,
-    measure: bool = True,
-) -> _Prepared:
-    """Build, reference and capture a chunk at every export shape.
+class _Prepared:
+    """A chunk at every export shape: example inputs, fp32 references, captured functions
+    and how it takes its shapes (``strategy``), each made on first use.
 
-    A chunk whose input shapes differ across its shapes is first captured once with
-    dynamic dims (each group of :func:`group_dims` one ``torch.export.Dim``); the program
-    must then run at every other shape and (when references are measured) match the
-    module there. Otherwise, or when that capture raises, every variant is captured once
-    per shape (functions ``<variant>@<shape>`` for the non-default shapes), and
+    Building (materialising the chunk's weights), the reference forwards and capture are
+    the expensive stages; a chunk whose lowered models all come from the cache needs none
+    of them unless it is verified (then only the builds and the reference forwards), and
+    the cache entry tells its strategy (:meth:`adopt`).
+
+    Capture: a chunk whose input shapes differ across its shapes is first captured once
+    with dynamic dims (each group of :func:`group_dims` one ``torch.export.Dim``); the
+    program must then run at every other shape and (when references are measured) match
+    the module there. Otherwise, or when that capture raises, every variant is captured
+    once per shape (functions ``<variant>@<shape>`` for the non-default shapes), and
     ``strategy_note`` keeps the first line of the reason.
     """
-    at_shape = chunk.shape_chunks()
-    names = list(at_shape)
-    default = names[0]
-    sink(Event("stage", chunk.key, "build"))
-    inputs: dict[str, tuple[torch.Tensor, ...]] = {}
-    with _timed(timings, "build"):
-        # one module per distinct builder: shapes whose builders are equal share it
-        builders: list[Any] = []
-        group_of: dict[str, int] = {}
-        for name, shape_chunk in at_shape.items():
-            for i, b in enumerate(builders):
-                if b is shape_chunk.build or _same_builder(b, shape_chunk.build):
-                    group_of[name] = i
-                    break
-            else:
-                group_of[name] = len(builders)
-                builders.append(shape_chunk.build)
-        bases = []
-        for b in builders:
-            base = b()
-            base.eval()
-            for p in base.parameters():
-                p.requires_grad_(False)
-            bases.append(base)
-        for name, shape_chunk in at_shape.items():
-            # contiguous: Core ML rejects captured inputs with a non-default dim order
-            inputs[name] = tuple(t.contiguous() for t in shape_chunk.example_inputs())
-            _check_inputs(shape_chunk, inputs[name])
-    input_names = [s.name for s in chunk.inputs]
-    case_shapes = [[tuple(t.shape) for t in inputs[n]] for n in names]
-    groups = group_dims(input_names, case_shapes) if len(names) > 1 else []
-    strategy, note = ("dynamic" if groups else "static"), ""
-    # verification at a shape whose inputs equal an earlier shape's would repeat it
-    distinct = [
-        n
-        for i, n in enumerate(names)
-        if not any(_same_inputs(inputs[n], inputs[m]) for m in names[:i])
-    ]
-    programs: dict[str, _Program] = {}
-    cases: list[_Case] = []
-    max_act: float | None = None
-    ref_seconds = 0.0
-    modules: dict[tuple[str, int], torch.nn.Module] = {}
-    references: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for v_index, variant in enumerate(chunk.functions):
-        last = v_index == len(chunk.functions) - 1
-        for g, base in enumerate(bases):
-            shape_chunk = at_shape[next(n for n in names if group_of[n] == g)]
-            module = base if last else copy.deepcopy(base)
-            modules[(variant, g)] = _patched(
-                shape_chunk, module, variant, registry, active, profile
-            )
-        if measure:
-            for name in distinct:
-                module = modules[(variant, group_of[name])]
-                sink(Event("stage", chunk.key, "reference", f"{variant} {name}".strip()))
-                with _timed(timings, "reference"):
-                    start = time.perf_counter()
-                    out, act = _max_activation(module, inputs[name])
-                    # the chunk's inputs count too: an fp16 package receives them in fp16
-                    floats = [t for t in inputs[name] if t.is_floating_point()]
-                    act = max([act, *(float(t.abs().max()) for t in floats)])
-                    ref_seconds += time.perf_counter() - start
-                references[(variant, name)] = _outputs_dict(at_shape[name], out)
-                max_act = max(max_act or 0.0, act)
-                del out
-        if strategy == "dynamic":
-            sink(Event("stage", chunk.key, "capture", f"{variant} dynamic"))
-            with _timed(timings, "capture"):
-                try:
-                    program = _capture_dynamic(
-                        modules[(variant, group_of[default])], inputs[default], groups
+
+    def __init__(
+        self,
+        chunk: Chunk,
+        registry: Registry,
+        active: set[str],
+        profile: DeviceProfile,
+        timings: dict[str, float],
+        sink: EventSink,
+        measure: bool = True,
+    ) -> None:
+        self.chunk, self.registry, self.active, self.profile = chunk, registry, active, profile
+        self.timings, self.sink, self.measure = timings, sink, measure
+        self.at_shape = chunk.shape_chunks()
+        self.shape_names = list(self.at_shape)
+        self._measured = False  # references, inputs and max activation are known
+        self._captured = False  # programs are captured
+        self._error: Exception | None = None
+        self._programs: dict[str, _Program] = {}
+        self._inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._references: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self._max_activation: float | None = None
+        self.reference_seconds = 0.0
+        varying = len({tuple(tuple(s.shape) for s in c.inputs) for c in self.at_shape.values()})
+        # known without capture when every shape has the same inputs
+        self.strategy: str | None = "static" if varying == 1 else None
+        self.strategy_note = ""
+
+    @property
+    def programs(self) -> dict[str, _Program]:
+        if not self._captured:
+            self._prepare(capture_programs=True)
+        return self._programs
+
+    @property
+    def max_activation(self) -> float | None:
+        """Largest |activation| of the fp32 references; None when not measured."""
+        if not self.measure:
+            return None
+        if not self._measured:
+            self._prepare(capture_programs=False)
+        return self._max_activation
+
+    def adopt(self, strategy: str, note: str) -> None:
+        """Take the strategy an earlier capture chose (from the lowered-model cache)."""
+        if self.strategy is None:
+            self.strategy, self.strategy_note = strategy, note
+
+    @property
+    def cases(self) -> list[_Case]:
+        """Verification runs: every function at every shape with its own inputs."""
+        if not self._measured:
+            self._prepare(capture_programs=False)
+        if self.strategy is None:
+            self._prepare(capture_programs=True)
+        per_shape = self.strategy == "per-shape"
+        distinct = self._distinct()
+        cases = []
+        for variant in self.chunk.functions:
+            for name in self.shape_names:
+                ins = self._inputs
+                ref_name = next(m for m in distinct if _same_inputs(ins[name], ins[m]))
+                if (variant, ref_name) not in self._references:
+                    continue
+                cases.append(
+                    _Case(
+                        self.chunk.function_for(variant, name, per_shape),
+                        name,
+                        _inputs_dict(self.at_shape[name], self._inputs[name]),
+                        self._references[(variant, ref_name)],
                     )
-                    _check_dynamic(program, at_shape, inputs, names[1:], references, variant)
-                    programs[variant] = _Program(
-                        program, chunk, enumerated_shapes(input_names, case_shapes)
-                    )
-                except Exception as exc:
-                    strategy, note = "per-shape", _first_line(exc)
-                    programs.clear()
-        if strategy != "dynamic":
-            # per shape (or static): capture every variant so far at each distinct shape
-            for done in chunk.functions[: v_index + 1]:
-                for name in names if strategy == "per-shape" else names[:1]:
-                    function = chunk.function_for(done, name, strategy == "per-shape")
-                    if function in programs:
-                        continue
-                    sink(Event("stage", chunk.key, "capture", function))
-                    with _timed(timings, "capture"):
-                        try:
-                            program = capture(modules[(done, group_of[name])], inputs[name])
-                        except Exception as exc:
-                            raise ExportError(
-                                f"{chunk.key}: torch.export failed for function {function!r}: "
-                                f"{type(exc).__name__}: {exc}"
-                            ) from exc
-                    programs[function] = _Program(program, at_shape[name])
-    del modules, bases
-    for variant in chunk.functions:
-        for name in names:
-            ref_name = next(m for m in distinct if _same_inputs(inputs[name], inputs[m]))
-            if (variant, ref_name) not in references:
-                continue
-            function = chunk.function_for(variant, name, strategy == "per-shape")
-            cases.append(
-                _Case(
-                    function,
-                    name,
-                    _inputs_dict(at_shape[name], inputs[name]),
-                    references[(variant, ref_name)],
                 )
-            )
-    return _Prepared(programs, cases, max_act, ref_seconds, strategy, note)
+        return cases
+
+    def _distinct(self) -> list[str]:
+        """Shapes whose inputs differ from every earlier shape's (others repeat a run)."""
+        names = self.shape_names
+        return [
+            n
+            for i, n in enumerate(names)
+            if not any(_same_inputs(self._inputs[n], self._inputs[m]) for m in names[:i])
+        ]
+
+    def _prepare(self, capture_programs: bool) -> None:
+        """Build the chunk and run what is still missing: reference forwards (when
+        measuring) and, if asked, capture. Everything is freed but the results. A failure
+        is remembered: the next target gets the same error without a second attempt."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._build_and_run(capture_programs)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def _build_and_run(self, capture_programs: bool) -> None:
+        chunk, timings, sink = self.chunk, self.timings, self.sink
+        at_shape, names = self.at_shape, self.shape_names
+        default = names[0]
+        reference = self.measure and not self._measured
+        sink(Event("stage", chunk.key, "build"))
+        inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        with _timed(timings, "build"):
+            # one module per distinct builder: shapes whose builders are equal share it
+            builders: list[Any] = []
+            group_of: dict[str, int] = {}
+            for name, shape_chunk in at_shape.items():
+                for i, b in enumerate(builders):
+                    if b is shape_chunk.build or _same_builder(b, shape_chunk.build):
+                        group_of[name] = i
+                        break
+                else:
+                    group_of[name] = len(builders)
+                    builders.append(shape_chunk.build)
+            bases = []
+            for b in builders:
+                base = b()
+                base.eval()
+                for p in base.parameters():
+                    p.requires_grad_(False)
+                bases.append(base)
+            for name, shape_chunk in at_shape.items():
+                # contiguous: Core ML rejects captured inputs with a non-default dim order
+                inputs[name] = tuple(t.contiguous() for t in shape_chunk.example_inputs())
+                _check_inputs(shape_chunk, inputs[name])
+        self._inputs = inputs
+        input_names = [s.name for s in chunk.inputs]
+        case_shapes = [[tuple(t.shape) for t in inputs[n]] for n in names]
+        groups = group_dims(input_names, case_shapes) if len(names) > 1 else []
+        strategy, note = ("dynamic" if groups else "static"), ""
+        distinct = self._distinct()
+        programs: dict[str, _Program] = {}
+        max_act: float | None = None
+        modules: dict[tuple[str, int], torch.nn.Module] = {}
+        for v_index, variant in enumerate(chunk.functions):
+            last = v_index == len(chunk.functions) - 1
+            for g, base in enumerate(bases):
+                shape_chunk = at_shape[next(n for n in names if group_of[n] == g)]
+                module = base if last else copy.deepcopy(base)
+                modules[(variant, g)] = _patched(
+                    shape_chunk, module, variant, self.registry, self.active, self.profile
+                )
+            if reference:
+                for name in distinct:
+                    module = modules[(variant, group_of[name])]
+                    sink(Event("stage", chunk.key, "reference", f"{variant} {name}".strip()))
+                    with _timed(timings, "reference"):
+                        start = time.perf_counter()
+                        out, act = _max_activation(module, inputs[name])
+                        # the chunk's inputs count too: an fp16 package receives them in fp16
+                        floats = [t for t in inputs[name] if t.is_floating_point()]
+                        act = max([act, *(float(t.abs().max()) for t in floats)])
+                        self.reference_seconds += time.perf_counter() - start
+                    self._references[(variant, name)] = _outputs_dict(at_shape[name], out)
+                    max_act = max(max_act or 0.0, act)
+                    del out
+            if not capture_programs:
+                continue
+            if strategy == "dynamic":
+                sink(Event("stage", chunk.key, "capture", f"{variant} dynamic"))
+                with _timed(timings, "capture"):
+                    try:
+                        program = _capture_dynamic(
+                            modules[(variant, group_of[default])], inputs[default], groups
+                        )
+                        _check_dynamic(
+                            program, at_shape, inputs, names[1:], self._references, variant
+                        )
+                        programs[variant] = _Program(
+                            program, chunk, enumerated_shapes(input_names, case_shapes)
+                        )
+                    except Exception as exc:
+                        strategy, note = "per-shape", _first_line(exc)
+                        programs.clear()
+            if strategy != "dynamic":
+                # per shape (or static): capture every variant so far at each shape
+                for done in chunk.functions[: v_index + 1]:
+                    for name in names if strategy == "per-shape" else names[:1]:
+                        function = chunk.function_for(done, name, strategy == "per-shape")
+                        if function in programs:
+                            continue
+                        sink(Event("stage", chunk.key, "capture", function))
+                        with _timed(timings, "capture"):
+                            try:
+                                program = capture(modules[(done, group_of[name])], inputs[name])
+                            except Exception as exc:
+                                raise ExportError(
+                                    f"{chunk.key}: torch.export failed for function "
+                                    f"{function!r}: {type(exc).__name__}: {exc}"
+                                ) from exc
+                        programs[function] = _Program(program, at_shape[name])
+        del modules, bases
+        if reference:
+            self._max_activation = max_act
+        self._measured = True
+        if capture_programs:
+            self._programs = programs
+            self._captured = True
+            self.strategy, self.strategy_note = strategy, note
 
 
 def _same_builder(a: Any, b: Any) -> bool:
@@ -699,6 +892,99 @@ def patched_variants(
         yield variant, _patched(chunk, module, variant, registry, active, profile)
 
 
+def by_parts(plan: ExportPlan, chunk: Chunk, target: str) -> bool:
+    """Whether ``chunk`` is converted part by part and stitched (Core ML only so far)."""
+    request = plan.request
+    return (
+        target == "coreml"
+        and len(chunk.parts) > 1
+        and not request.whole_chunks
+        and chunk.params >= request.stitch_min_params
+    )
+
+
+CACHE_HIT_NOTE = "lowered model reused from the cache (not captured or lowered again)"
+PARTS_CACHE = ".parts-cache"  # in the staging directory, when no cache directory is set
+
+
+def part_cache(plan: ExportPlan, stage: Path) -> LoweredCache:
+    return LoweredCache(plan.request.cache_dir or stage / PARTS_CACHE)
+
+
+def lower_programs(
+    backend: Any,
+    prepared: _Prepared,
+    chunk: Chunk,
+    profile: DeviceProfile,
+    precision: str,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+) -> dict[str, Any]:
+    """Lower every captured function of ``prepared`` to ``backend`` at ``precision``."""
+    models: dict[str, Any] = {}
+    for function, captured in prepared.programs.items():
+        sink(Event("stage", chunk.key, "lower", f"{backend.name} {precision} {function}"))
+        with _timed(timings, "lower"):
+            try:
+                models[function] = backend.lower(
+                    captured.program,
+                    captured.chunk,
+                    profile,
+                    precision,
+                    enumerated=captured.enumerated or None,
+                )
+            except Exception as exc:
+                raise ExportError(
+                    f"{chunk.key}: lowering to {backend.name} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+    return models
+
+
+def lower_part(
+    plan: ExportPlan,
+    registry: Registry,
+    chunk: Chunk,
+    part: Chunk,
+    target: str,
+    precision: str,
+    cache: LoweredCache,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """One part's lowered models, from ``cache`` or captured and lowered now (and cached).
+
+    Returns the models (by artifact function), what the cache entry records about them
+    (:func:`_lowered_about`) and whether they came from the cache. Parts are never verified on
+    their own (the stitched chunk is), so nothing but the part is built and captured.
+    """
+    backend = get_backend(target)
+    key = lowered_key(plan, part, target, precision)
+    sink(Event("stage", chunk.key, "cache", f"{part.name} {precision}"))
+    with _timed(timings, "cache"):
+        hit = cache.get(key, backend)
+    if hit is not None:
+        return hit[0], hit[1], True
+    prepared = _Prepared(part, registry, set(plan.plugins), plan.profile, timings, sink, False)
+    models = lower_programs(backend, prepared, part, plan.profile, precision, timings, sink)
+    about = _lowered_about(prepared, part, target, precision)
+    del prepared
+    with _timed(timings, "cache"):
+        cache.put(key, backend, models, about)
+    return models, about, False
+
+
+def _lowered_about(prepared: _Prepared, chunk: Chunk, target: str, precision: str) -> dict:
+    """What a cache entry records besides its models: enough to verify and describe it
+    without capturing again (the strategy decides the verification cases' functions)."""
+    return {
+        "chunk": chunk.key,
+        "target": target,
+        "precision": precision,
+        "strategy": prepared.strategy or "static",
+        "strategy_note": prepared.strategy_note,
+    }
+
+
 def _lower_precision(policy: str) -> str:
     return "fp32" if policy == "fp32" else "fp16"
 
@@ -717,6 +1003,11 @@ class _TargetExport:
     timings: dict[str, float]
     sink: EventSink
     notes: list[str] = attrs.Factory(list)
+    cache: LoweredCache | None = None
+    # where parts' lowered models go (the cache, else a folder in the staging directory)
+    part_cache: LoweredCache | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     @property
     def forced(self) -> bool:
@@ -787,31 +1078,20 @@ class _TargetExport:
     def lower_save_verify(self, policy: str) -> tuple[Artifact, Verification | None]:
         chunk, target, timings, profile = self.chunk, self.target, self.timings, self.plan.profile
         backend = get_backend(target)
-        self.sink(Event("stage", chunk.key, "lower", f"{target} {policy}"))
-        models: dict[str, Any] = {}
-        for variant, captured in self.prepared.programs.items():
-            with _timed(timings, "lower"):
-                try:
-                    model = backend.lower(
-                        captured.program,
-                        captured.chunk,
-                        profile,
-                        _lower_precision(policy),
-                        enumerated=captured.enumerated or None,
-                    )
-                except Exception as exc:
-                    raise ExportError(
-                        f"{chunk.key}: lowering to {target} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
-            if policy not in ("fp32", "fp16"):
-                self.sink(Event("stage", chunk.key, "quantize", policy))
-                with _timed(timings, "quantize"):
-                    model = self.quantize(model, policy)
-            models[variant] = model
-        self.sink(Event("stage", chunk.key, "save", target))
-        with _timed(timings, "save"):
-            final, functions = self.save(backend, models)
-        del models
+        if by_parts(self.plan, chunk, target):
+            final, functions = self.export_by_parts(backend, policy)
+        else:
+            models: dict[str, Any] = {}
+            for variant, model in self.lowered(backend, _lower_precision(policy)).items():
+                if policy not in ("fp32", "fp16"):
+                    self.sink(Event("stage", chunk.key, "quantize", policy))
+                    with _timed(timings, "quantize"):
+                        model = self.quantize(model, policy)
+                models[variant] = model
+            self.sink(Event("stage", chunk.key, "save", target))
+            with _timed(timings, "save"):
+                final, functions = self.save(backend, models)
+            del models
         artifact = Artifact(
             target=target,
             path=str(final.relative_to(self.stage_dir)),
@@ -831,6 +1111,118 @@ class _TargetExport:
                     self.prepared.reference_seconds,
                 )
         return artifact, verification
+
+    def lowered(self, backend: Any, precision: str, part: Chunk | None = None) -> dict[str, Any]:
+        """Every function's lowered model at ``precision`` (of the chunk, or of one of its
+        parts): from the cache when an earlier run lowered the same thing with the same
+        code, else lowered now (and cached)."""
+        if part is not None:
+            assert self.part_cache is not None
+            models, about, hit = lower_part(
+                self.plan,
+                self.registry,
+                self.chunk,
+                part,
+                self.target,
+                precision,
+                self.part_cache,
+                self.timings,
+                self.sink,
+            )
+            self.cache_hits += hit
+            self.cache_misses += not hit
+            # the stitched chunk takes its shapes as its parts do
+            self.prepared.adopt(about["strategy"], about["strategy_note"])
+            return models
+        chunk, cache = self.chunk, self.cache
+        key = lowered_key(self.plan, chunk, self.target, precision) if cache else ""
+        if cache is not None:
+            self.sink(Event("stage", chunk.key, "cache", f"{self.target} {precision}"))
+            with _timed(self.timings, "cache"):
+                hit = cache.get(key, backend)
+            if hit is not None:
+                self.cache_hits += 1
+                self.prepared.adopt(hit[1]["strategy"], hit[1]["strategy_note"])
+                return hit[0]
+        models = lower_programs(
+            backend, self.prepared, chunk, self.plan.profile, precision, self.timings, self.sink
+        )
+        if cache is not None:
+            with _timed(self.timings, "cache"):
+                about = _lowered_about(self.prepared, chunk, self.target, precision)
+                cache.put(key, backend, models, about)
+            self.cache_misses += 1
+        return models
+
+    @property
+    def cache_state(self) -> str:
+        """``hit`` when every lowering came from the cache, ``stored`` when some was made
+        now and cached, ``""`` without a cache."""
+        if self.cache_misses:
+            return "stored"
+        return "hit" if self.cache_hits else ""
+
+    def export_by_parts(self, backend: Any, policy: str) -> tuple[Path, tuple[str, ...]]:
+        """Convert (or take from the cache) each part, quantize it, and stitch the parts
+        into the chunk's package. Holds one part's models at a time."""
+        from sora_export.core.backends.stitch import StitchError, stitch_packages
+
+        chunk, precision = self.chunk, _lower_precision(policy)
+        folder = self.stage_dir / chunk.component
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
+        work = folder / f".parts-{os.getpid()}-{chunk.index:02d}-{chunk.name}"
+        tmp = folder / f".tmp-{os.getpid()}-{final.name}"
+        remove_path(work)
+        remove_path(tmp)
+        try:
+            work.mkdir()
+            located: list[dict[str, tuple[Path, str]]] = []
+            functions: tuple[str, ...] = ()
+            for part in chunk.parts:
+                key = lowered_key(self.plan, part, self.target, precision)
+                models = self.lowered(backend, precision, part)
+                if not functions:
+                    functions = tuple(models)
+                elif tuple(models) != functions:
+                    raise ExportError(
+                        f"{chunk.key}: its parts take the export shapes differently "
+                        f"({part.name} has functions {list(models)}, the first part "
+                        f"{list(functions)}); export with --whole-chunks"
+                    )
+                if policy in ("fp32", "fp16") and self.part_cache is not None:
+                    where = self.part_cache.paths(key, backend)
+                    if where is not None:  # stitch straight from the cache entry
+                        located.append({f: (path, "main") for f, path in where.items()})
+                        continue
+                saved = {}
+                for function, model in models.items():
+                    if policy not in ("fp32", "fp16"):
+                        self.sink(Event("stage", chunk.key, "quantize", f"{part.name} {policy}"))
+                        with _timed(self.timings, "quantize"):
+                            model = self.quantize(model, policy)
+                    path = work / f"{part.index:03d}-{function}{backend.suffix}"
+                    with _timed(self.timings, "save"):
+                        backend.save({"main": model}, path)
+                    saved[function] = (path, "main")
+                located.append(saved)
+                del models
+            self.sink(Event("stage", chunk.key, "save", f"stitch {len(located)} parts"))
+            with _timed(self.timings, "save"):
+                stitch_packages(located, [p.wiring for p in chunk.parts], functions, tmp)
+                atomic_replace(tmp, final)
+        except StitchError as exc:
+            raise ExportError(f"{chunk.key}: stitching its parts failed: {exc}") from exc
+        except OSError as exc:
+            raise ExportError(
+                f"{chunk.key}: cannot write {str(final)!r}: {exc.strerror or exc}"
+                + (" (disk full)" if getattr(exc, "errno", None) == 28 else "")
+            ) from exc
+        finally:
+            remove_path(work)
+            remove_path(tmp)
+        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched")
+        return final, functions
 
     def quantize(self, model: Any, policy: str) -> Any:
         quantized = self.registry.call(
@@ -971,27 +1363,36 @@ def export_chunk(
     timings: dict[str, float] = {}
     policies = {t: _policy(plan, chunk) for t in plan.targets}
     results: list[ChunkResult] = []
-    try:
-        prepared = _prepare(chunk, registry, active, plan.profile, timings, sink, plan.verify)
-    except SoraExportError as exc:
-        return [_failed(chunk, t, policies[t], timings, str(exc)) for t in plan.targets]
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        return [_failed(chunk, t, policies[t], timings, msg) for t in plan.targets]
+    cache = LoweredCache(plan.request.cache_dir) if plan.request.cache_dir else None
+    prepared = _Prepared(chunk, registry, active, plan.profile, timings, sink, plan.verify)
     for target in plan.targets:
-        t_timings = dict(timings)
+        t_timings: dict[str, float] = {}
+        job = _TargetExport(
+            chunk,
+            prepared,
+            target,
+            plan,
+            registry,
+            active,
+            stage_dir,
+            t_timings,
+            sink,
+            cache=cache,
+            part_cache=part_cache(plan, stage_dir),
+        )
         try:
-            job = _TargetExport(
-                chunk, prepared, target, plan, registry, active, stage_dir, t_timings, sink
-            )
             artifact, verification, used, notes = job.export(policies[target])
         except SoraExportError as exc:
-            results.append(_failed(chunk, target, policies[target], t_timings, str(exc)))
+            results.append(
+                _failed(chunk, target, policies[target], {**timings, **t_timings}, str(exc))
+            )
             continue
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
-            results.append(_failed(chunk, target, policies[target], t_timings, msg))
+            results.append(_failed(chunk, target, policies[target], {**timings, **t_timings}, msg))
             continue
+        if job.cache_state == "hit":
+            notes.append(CACHE_HIT_NOTE)
         results.append(
             ChunkResult(
                 chunk_key=chunk.key,
@@ -1001,12 +1402,14 @@ def export_chunk(
                 artifact=artifact,
                 params=chunk.params,
                 quantization=used,
-                timings=t_timings,
+                # build/reference/capture happen once for all targets; each target shows them
+                timings={**timings, **t_timings},
                 peak_rss_bytes=peak_rss_bytes(),
                 verification=verification,
                 notes=tuple(notes),
-                strategy=prepared.strategy,
+                strategy=prepared.strategy or "static",
                 strategy_note=prepared.strategy_note,
+                lowered_cache=job.cache_state,
             )
         )
     del prepared
@@ -1084,8 +1487,8 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         for r in cached:
             sink(Event("chunk-done", chunk.key, detail="cached", result=r))
     with _sigterm_as_exception(), TreePeakSampler() as sampler:
-        if request.jobs > 1 and len(pending) > 1:
-            finished = _run_parallel(plan, registry, pending, stage, request.jobs, sink)
+        if plan.jobs > 1 and len(pending) > 1:
+            finished = _run_parallel(plan, registry, pending, stage, plan.jobs, sink)
         else:
             finished = _run_serial(plan, registry, active, pending, stage, sink)
         for chunk, chunk_results in finished:
@@ -1117,6 +1520,7 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
         raise ExportFailed(result, stage)
     # publish: the old bundle (if --force/--resume) is replaced only now
     (stage / PROGRESS_FILE).unlink(missing_ok=True)
+    remove_path(stage / PARTS_CACHE)
     if request.output.exists():
         atomic_replace(stage, request.output)
     else:
@@ -1177,6 +1581,44 @@ def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResul
     return export_chunk(chunk, plan, _WORKER_REGISTRY, set(plan.plugins), stage)
 
 
+def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> dict[str, float]:
+    """Lower one part of a chunk into the part cache, ahead of the chunk's own task (which
+    then finds it there and only quantizes and stitches). Returns the stage timings."""
+    assert _WORKER_REGISTRY is not None
+    chunk = plan.chunks[index]
+    timings: dict[str, float] = {}
+    precision = _lower_precision(_policy(plan, chunk))
+    cache = part_cache(plan, stage)
+    lower_part(
+        plan, _WORKER_REGISTRY, chunk, chunk.parts[part], "coreml", precision, cache, timings
+    )
+    return timings
+
+
+def _part_tasks(plan: ExportPlan, chunk: Chunk) -> list[int]:
+    """Parts to lower ahead in workers: those of a chunk converted part by part."""
+    if "coreml" in plan.targets and by_parts(plan, chunk, "coreml"):
+        return list(range(len(chunk.parts)))
+    return []
+
+
+def _add_timings(results: list[ChunkResult], extra: dict[str, float]) -> list[ChunkResult]:
+    """Fold the stage times of a chunk's part tasks into its results. Parts lowered by
+    this run's part tasks make the chunk's lowered models "stored", not cache hits."""
+    if not extra:
+        return results
+    out = []
+    for r in results:
+        timings = dict(r.timings)
+        for stage, seconds in extra.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        if "lower" in extra and r.lowered_cache == "hit":
+            notes = tuple(n for n in r.notes if n != CACHE_HIT_NOTE)
+            r = attrs.evolve(r, lowered_cache="stored", notes=notes)
+        out.append(attrs.evolve(r, timings=timings))
+    return out
+
+
 def _run_parallel(
     plan: ExportPlan,
     registry: Registry,
@@ -1187,9 +1629,12 @@ def _run_parallel(
 ) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
     """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix).
 
-    A worker that dies (e.g. killed for memory) breaks the pool; the unfinished chunks are
-    retried once in a fresh pool, so only a chunk that kills its worker twice fails, with
-    an error saying so.
+    The parts of chunks converted part by part are lowered first, each as its own task, so
+    the workers share even a plan of few big chunks; a chunk's own task (quantize, stitch,
+    verify) starts when its parts are done. A worker that dies (e.g. killed for memory)
+    breaks the pool; the unfinished chunks are retried once in a fresh pool (parts already
+    lowered are found in the cache), so only a chunk that kills its worker twice fails,
+    with an error saying so.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -1216,20 +1661,52 @@ def _run_parallel(
             initializer=_worker_init,
             initargs=(registry.extra_modules,),
         ) as pool:
-            futures = {}
+            futures: dict[Any, tuple[str, Chunk]] = {}
+            waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
+            part_timings: dict[str, dict[str, float]] = {}
             for chunk in todo:
                 attempts[chunk.key] += 1
-                futures[pool.submit(_worker_export, plan, index_of[chunk.key], stage)] = chunk
                 sink(Event("chunk-start", chunk.key))
+                parts = _part_tasks(plan, chunk)
+                waiting[chunk.key] = len(parts)
+                part_timings[chunk.key] = {}
+                for i in parts:
+                    future = pool.submit(_worker_lower_part, plan, index_of[chunk.key], i, stage)
+                    futures[future] = ("part", chunk)
+                if not parts:
+                    future = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
+                    futures[future] = ("chunk", chunk)
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for future in done:
-                    chunk = futures[future]
+                    kind, chunk = futures[future]
+                    if kind == "part":
+                        try:
+                            for stage_name, seconds in future.result().items():
+                                t = part_timings[chunk.key]
+                                t[stage_name] = t.get(stage_name, 0.0) + seconds
+                        except BrokenProcessPool:
+                            if chunk not in broken:
+                                broken.append(chunk)
+                            continue
+                        except Exception:
+                            pass  # the chunk's own task lowers the part again and reports
+                        waiting[chunk.key] -= 1
+                        if waiting[chunk.key] == 0 and chunk not in broken:
+                            try:
+                                nxt = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
+                            except BrokenProcessPool:
+                                broken.append(chunk)
+                                continue
+                            futures[nxt] = ("chunk", chunk)
+                            remaining.add(nxt)
+                        continue
                     try:
-                        yield chunk, future.result()
+                        yield chunk, _add_timings(future.result(), part_timings[chunk.key])
                     except BrokenProcessPool:
-                        broken.append(chunk)
+                        if chunk not in broken:
+                            broken.append(chunk)
                     except Exception as exc:
                         message = f"worker failed: {type(exc).__name__}: {exc}"
                         yield (

@@ -64,6 +64,7 @@ def plan_panel(plan: ExportPlan) -> Panel:
         f"targets {', '.join(plan.targets)}  size {plan.request.size}  "
         f"chunks {len(plan.chunks)}  verify {'on' if plan.verify else 'off'}  "
         f"per-chunk budget {human_bytes(plan.profile.per_chunk_budget_bytes)}",
+        f"jobs {plan.jobs}" + (f" [dim](auto: {plan.jobs_reason})[/]" if plan.jobs_reason else ""),
     ]
     if not plan.verify:
         lines.append(
@@ -109,7 +110,9 @@ def result_table(result: RunResult) -> Table:
     for r in result.results:
         status = "[green]ok[/]" if r.ok else "[bold red]FAILED[/]"
         if r.cached:
-            status += " [dim](cached)[/]"
+            status += " [dim](resumed)[/]"
+        elif r.lowered_cache == "hit":
+            status += " [dim](lowered: cache)[/]"
         if r.artifact and len(r.artifact.functions) > 1:
             status += f" [dim]{'+'.join(r.artifact.functions)}[/]"
         table.add_row(

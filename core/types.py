@@ -7,7 +7,7 @@ happens at the boundaries (CLI, profile TOML, checkpoint loading), not in these 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -210,6 +210,13 @@ class Chunk:
     # build and functions; its own example inputs and specs), the bundle's default shape
     # first. The chunk itself is the default shape's. Empty: the chunk has one shape.
     shapes: Mapping[str, Chunk] = attrs.field(factory=dict)
+    # Optional: smaller chunks that, run one after another, compute this one (e.g. one
+    # block pair each). The engine may convert them separately -- in parallel, cached part
+    # by part, with a fraction of the memory -- and stitch the results into this chunk's
+    # package. A part's ``wiring`` maps each of its inputs to ``"chunk:NAME"`` (this
+    # chunk's input) or ``"previous:NAME"`` (the previous part's output); the last part's
+    # outputs are this chunk's outputs. See :func:`chained_parts`.
+    parts: tuple[Chunk, ...] = attrs.field(converter=tuple, factory=tuple)
 
     @property
     def key(self) -> str:
@@ -228,6 +235,45 @@ class Chunk:
         """
         default = next(iter(self.shape_chunks()))
         return variant if not per_shape or shape == default else f"{variant}@{shape}"
+
+
+def chained_parts(
+    chunk: Chunk,
+    pieces: Sequence[tuple[str, ModuleBuilder, int, Mapping[str, Any]]],
+    carry: Mapping[str, str],
+) -> tuple[Chunk, ...]:
+    """Parts of ``chunk`` that run in sequence with the chunk's own inputs and outputs.
+
+    ``pieces`` are ``(name, build, params, meta)`` in order; every part takes the chunk's
+    inputs (and example inputs: capture only needs their shapes) except that input ``n`` in
+    ``carry`` comes from the previous part's output ``carry[n]`` (e.g. ``{"tokens":
+    "tokens_out"}``). The parts' params must add up to the chunk's.
+    """
+    if sum(p for _, _, p, _ in pieces) != chunk.params:
+        raise ValueError(f"{chunk.key}: parts hold a different number of weights than the chunk")
+    names = {s.name for s in chunk.inputs}
+    outputs = {s.name for s in chunk.outputs}
+    for src, dst in carry.items():
+        if src not in names or dst not in outputs:
+            raise ValueError(f"{chunk.key}: carry {src!r} <- {dst!r} names no input/output")
+    return tuple(
+        Chunk(
+            component=chunk.component,
+            index=i,
+            name=f"{chunk.name}.{name}",
+            build=build,
+            example_inputs=chunk.example_inputs,
+            inputs=chunk.inputs,
+            outputs=chunk.outputs,
+            params=params,
+            wiring={
+                s.name: f"previous:{carry[s.name]}" if i and s.name in carry else f"chunk:{s.name}"
+                for s in chunk.inputs
+            },
+            meta=meta,
+        )
+        for i, (name, build, params, meta) in enumerate(pieces)
+    )
 
 
 @attrs.frozen
@@ -299,6 +345,11 @@ class PlannedComponent:
     chunks: tuple[Chunk, ...] = attrs.field(converter=tuple)
 
 
+# Below this, converting a chunk part by part costs more (a capture and a conversion per
+# part) than converting it whole; tiny models never reach it.
+STITCH_MIN_PARAMS = 20_000_000
+
+
 @attrs.frozen
 class ExportRequest:
     """Everything the user asked for, already parsed (the CLI's only product)."""
@@ -311,9 +362,15 @@ class ExportRequest:
     targets: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
     quantize: str | None = None
     verify: bool | None = None
-    jobs: int = 1
-    # memory the export may use on this machine; None: 75% of physical memory
+    jobs: int | None = None  # None: chosen from cores, memory and the plan (engine.auto_jobs)
+    # memory the export may use on this machine (all workers together); None: 75% of RAM
     host_memory_bytes: int | None = None
+    # content-addressed cache of lowered models (core.cache); None: no cache
+    cache_dir: Path | None = None
+    # Core ML chunks with parts (Chunk.parts) of at least this many weights are converted
+    # part by part and stitched; whole_chunks converts every chunk as one graph
+    stitch_min_params: int = STITCH_MIN_PARAMS
+    whole_chunks: bool = False
     resume: bool = False
     force: bool = False
     seed: int = 0
@@ -334,6 +391,8 @@ class ExportPlan:
     verify: bool = True
     # the export shapes every chunk accepts, the bundle's default first
     shapes: tuple[ExportShape, ...] = attrs.field(converter=tuple, factory=tuple)
+    jobs: int = 1  # worker processes (resolved from the request; see engine.auto_jobs)
+    jobs_reason: str = ""  # why that many, when chosen automatically
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -389,12 +448,15 @@ class ChunkResult:
     verification: Verification | None = None
     error: str | None = None
     notes: tuple[str, ...] = ()
-    cached: bool = False
     # how the chunk accepts several export shapes: "static" (one shape, or all shapes have
     # the same input shapes), "dynamic" (one shape-polymorphic function per variant) or
     # "per-shape" (one function per variant and shape); strategy_note says why per-shape
     strategy: str = "static"
     strategy_note: str = ""
+    cached: bool = False  # the whole result was taken from an earlier run (--resume)
+    # the lowered (pre-quantization) models: "hit" (reused from the cache), "stored"
+    # (lowered now and kept), "" (no cache)
+    lowered_cache: str = ""
 
     @property
     def ok(self) -> bool:

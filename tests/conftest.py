@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,16 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# never the user's ~/.cache: the session's exports share one throw-away lowered-model cache
+os.environ["SORA_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="sora-export-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SORA_EXPORT_CACHE"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_lowered_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets an empty lowered-model cache, so no test is served another test's
+    lowering (tests that patch lowering or weights must see their own)."""
+    monkeypatch.setenv("SORA_EXPORT_CACHE", str(tmp_path / "lowered-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,9 @@ def _chunk(module: type[torch.nn.Module]) -> Chunk:
 def _prepare(chunk: Chunk) -> engine._Prepared:
     registry = Registry.discover()
     profile = registry.profile("iphone15pro")
-    return engine._prepare(chunk, registry, set(), profile, {}, lambda e: None)
+    prepared = engine._Prepared(chunk, registry, set(), profile, {}, lambda e: None)
+    assert prepared.programs  # builds, runs the references and captures
+    return prepared
 
 
 @pytest.mark.parametrize("target", ["coreml", "onnx"])

@@ -46,6 +46,14 @@ class Backend(Protocol):
         """
         ...
 
+    def save_lowered(self, model: Any, path: Path) -> None:
+        """Write one lowered (not yet quantized) model to ``path`` for the engine's cache."""
+        ...
+
+    def load_lowered(self, path: Path) -> Any:
+        """Read back a model written by :meth:`save_lowered`, ready to quantize or save."""
+        ...
+
     def load(self, path: Path, function: str) -> Any:
         """Prepare (and cache) a saved artifact's function for running."""
         ...

@@ -107,6 +107,18 @@ class CoreMLBackend:
         del ct
         return tuple(models)
 
+    def save_lowered(self, model: Any, path: Path) -> None:
+        """Write one lowered model for the engine's cache."""
+        model.save(str(path))
+
+    def load_lowered(self, path: Path) -> Any:
+        """Read back what :meth:`save_lowered` wrote, as a model the quantize hook and
+        :meth:`save` accept (not loaded into Core ML: that only works on macOS)."""
+        ct = quiet_coremltools()
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        model.get_spec()  # parse now: an unreadable entry fails here, not later
+        return model
+
     def load(self, path: Path, function: str = "main") -> Any:
         """A ready runner for one function of a saved package (cached: the last two).
 

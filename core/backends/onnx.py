@@ -337,6 +337,14 @@ class ONNXBackend:
             onnx.checker.check_model(str(file), full_check=True)
         return tuple(models)
 
+    def save_lowered(self, model: onnx.ModelProto, path: Path) -> None:
+        """Write one lowered model for the engine's cache (a directory, as :meth:`save`)."""
+        self.save({"main": model}, path)
+
+    def load_lowered(self, path: Path) -> onnx.ModelProto:
+        """Read back what :meth:`save_lowered` wrote, weights included."""
+        return onnx.load(str(Path(path) / "main.onnx"), load_external_data=True)
+
     def load(self, path: Path, function: str = "main") -> Any:
         """The (cached) ONNX Runtime session of ``path/<function>.onnx``."""
         file = Path(path) / f"{function}.onnx"

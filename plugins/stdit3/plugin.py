@@ -30,6 +30,7 @@ from sora_export.core.types import (
     RunResult,
     TensorSpec,
     bytes_per_param,
+    chained_parts,
 )
 from sora_export.core.weights import WeightSource, open_checkpoint, seeded_value
 from sora_export.plugins.stdit3.model import (
@@ -217,24 +218,36 @@ def plan_chunks(desc: STDiT3Description, budget_bytes: int, policy: str, seed: i
     previous = f"{NAME}/input"
     for start, stop in split_block_pairs(cfg, max_params):
         name = f"blocks-{start:02d}-{stop - 1:02d}"
-        chunks.append(
-            Chunk(
-                component=NAME,
-                index=len(chunks),
-                name=name,
-                build=PartBuilder(cfg, "blocks", desc.weights, start, stop),
-                example_inputs=inputs_for("blocks"),
-                inputs=(tokens, cond["t_mlp"], cond["y_tokens"], cond["y_bias"]),
-                outputs=(tokens_out,),
-                params=(stop - start) * cfg.param_count_block_pair(),
-                wiring={
-                    "tokens": f"{previous}:{'tokens' if start == 0 else 'tokens_out'}",
-                    "t_mlp": f"{NAME}/input:t_mlp",
-                    "y_tokens": f"{NAME}/input:y_tokens",
-                    "y_bias": f"{NAME}/input:y_bias",
-                },
-                meta={"blocks": [start, stop]},
+        blocks = Chunk(
+            component=NAME,
+            index=len(chunks),
+            name=name,
+            build=PartBuilder(cfg, "blocks", desc.weights, start, stop),
+            example_inputs=inputs_for("blocks"),
+            inputs=(tokens, cond["t_mlp"], cond["y_tokens"], cond["y_bias"]),
+            outputs=(tokens_out,),
+            params=(stop - start) * cfg.param_count_block_pair(),
+            wiring={
+                "tokens": f"{previous}:{'tokens' if start == 0 else 'tokens_out'}",
+                "t_mlp": f"{NAME}/input:t_mlp",
+                "y_tokens": f"{NAME}/input:y_tokens",
+                "y_bias": f"{NAME}/input:y_bias",
+            },
+            meta={"blocks": [start, stop]},
+        )
+        # one part per block pair: converted separately (in parallel, cached pair by pair)
+        # and stitched into this chunk's package
+        pairs = [
+            (
+                f"pair-{i:02d}",
+                PartBuilder(cfg, "blocks", desc.weights, i, i + 1),
+                cfg.param_count_block_pair(),
+                {"blocks": [i, i + 1]},
             )
+            for i in range(start, stop)
+        ]
+        chunks.append(
+            attrs.evolve(blocks, parts=chained_parts(blocks, pairs, {"tokens": "tokens_out"}))
         )
         previous = f"{NAME}/{name}"
     chunks.append(

@@ -38,6 +38,7 @@ from sora_export.core.types import (
     PlannedComponent,
     TensorSpec,
     bytes_per_param,
+    chained_parts,
 )
 from sora_export.core.weights import WeightSource
 from sora_export.plugins.t5.model import (
@@ -360,19 +361,30 @@ def plan_chunks(desc: T5Description, budget_bytes: int, policy: str, seed: int) 
     previous = f"{embed_key}:hidden"
     for start, stop in groups:
         name = f"blocks-{start:02d}-{stop - 1:02d}"
-        chunks.append(
-            Chunk(
-                component=NAME,
-                index=len(chunks),
-                name=name,
-                build=PartBuilder(cfg, "blocks", desc.weights, start, stop),
-                example_inputs=inputs_for("blocks", start),
-                inputs=(hidden, position_bias),
-                outputs=(hidden_out,),
-                params=(stop - start) * cfg.param_count_block(),
-                wiring={"hidden": previous, "position_bias": f"{embed_key}:position_bias"},
-                meta={"blocks": [start, stop], "example_warmup_blocks": warmup_blocks(cfg, start)},
+        group = Chunk(
+            component=NAME,
+            index=len(chunks),
+            name=name,
+            build=PartBuilder(cfg, "blocks", desc.weights, start, stop),
+            example_inputs=inputs_for("blocks", start),
+            inputs=(hidden, position_bias),
+            outputs=(hidden_out,),
+            params=(stop - start) * cfg.param_count_block(),
+            wiring={"hidden": previous, "position_bias": f"{embed_key}:position_bias"},
+            meta={"blocks": [start, stop], "example_warmup_blocks": warmup_blocks(cfg, start)},
+        )
+        # one part per encoder block, converted separately and stitched (see Chunk.parts)
+        blocks = [
+            (
+                f"block-{i:02d}",
+                PartBuilder(cfg, "blocks", desc.weights, i, i + 1),
+                cfg.param_count_block(),
+                {"blocks": [i, i + 1]},
             )
+            for i in range(start, stop)
+        ]
+        chunks.append(
+            attrs.evolve(group, parts=chained_parts(group, blocks, {"hidden": "hidden_out"}))
         )
         previous = f"{NAME}/{name}:hidden_out"
     chunks.append(

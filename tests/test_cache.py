@@ -1,0 +1,180 @@
+"""The lowered-model cache, the automatic --jobs choice and --max-memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sora_export.core import engine
+from sora_export.core.cache import LoweredCache
+from sora_export.core.cli import _size_arg, main
+from sora_export.core.registry import Registry
+from sora_export.core.types import Chunk, ExportRequest
+
+
+def _export(out: Path, *extra: str) -> dict:
+    code = main(["--plugins", "stdit", "--target", "coreml", "-o", str(out), *extra])
+    assert code == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_requantize_reuses_lowered_models(tmp_path: Path) -> None:
+    cold = _export(tmp_path / "fp16", "--quantize", "fp16", "--no-verify")
+    assert [c["lowered_cache"] for c in cold["chunks"]] == ["stored"] * 3
+    assert all("capture" in c["timings"] for c in cold["chunks"])
+
+    warm = _export(tmp_path / "int8", "--quantize", "int8", "--no-verify")
+    for chunk in warm["chunks"]:
+        assert chunk["lowered_cache"] == "hit", chunk["chunk"]
+        # nothing was built, captured or lowered: only the cache read, quantize and save
+        assert not {"build", "capture", "lower"} & set(chunk["timings"]), chunk["timings"]
+        assert chunk["quantization"] == "int8"
+    blocks = {c["chunk"]: c for c in warm["chunks"]}["stdit3/blocks-00-03"]
+    assert blocks["bytes"] < 0.7 * {c["chunk"]: c for c in cold["chunks"]}[blocks["chunk"]]["bytes"]
+
+    # a verified re-run from the cache builds the reference but neither captures nor lowers
+    checked = _export(tmp_path / "int8v", "--quantize", "int8", "--verify")
+    for chunk in checked["chunks"]:
+        assert chunk["lowered_cache"] == "hit"
+        assert chunk["verification"]["passed"], chunk
+        assert "reference" in chunk["timings"] and "capture" not in chunk["timings"]
+
+
+def test_no_cache_flag_and_damaged_entries(tmp_path: Path) -> None:
+    plain = _export(tmp_path / "a", "--no-verify", "--no-cache")
+    assert {c["lowered_cache"] for c in plain["chunks"]} == {""}
+    cache = tmp_path / "cache"
+    _export(tmp_path / "b", "--no-verify", "--cache-dir", str(cache))
+    entries = [p.parent for p in cache.rglob("entry.json")]
+    assert len(entries) == 3
+    for entry in entries:  # damage every stored model
+        for spec in entry.rglob("model.mlmodel"):
+            spec.write_bytes(b"not a protobuf")
+    again = _export(tmp_path / "c", "--no-verify", "--cache-dir", str(cache))
+    # the damaged entries were dropped and rebuilt, never served
+    assert [c["lowered_cache"] for c in again["chunks"]] == ["stored"] * 3
+    served = _export(tmp_path / "d", "--no-verify", "--cache-dir", str(cache))
+    assert [c["lowered_cache"] for c in served["chunks"]] == ["hit"] * 3
+
+
+class _FailingBackend:
+    suffix = ".bin"
+
+    def save_lowered(self, model: object, path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    def load_lowered(self, path: Path) -> object:
+        return path.read_bytes()
+
+
+def test_unwritable_cache_only_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = LoweredCache(tmp_path / "c")
+    cache.put("ab" * 32, _FailingBackend(), {"main": object()}, {})
+    assert "could not write cache entry" in caplog.text
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no half entry
+    assert cache.get("ab" * 32, _FailingBackend()) is None
+
+
+def _plan(tmp_path: Path, **changes: object) -> engine.ExportPlan:
+    request = ExportRequest(plugins=("stdit",), output=tmp_path / "o", verify=False)
+    return engine.plan(attrs.evolve(request, **changes), Registry.discover())
+
+
+def test_lowered_key_follows_what_changes_the_lowered_model(tmp_path: Path) -> None:
+    base = _plan(tmp_path)
+    chunk = base.chunks[1]
+
+    def key(plan: engine.ExportPlan, target: str = "coreml", precision: str = "fp16") -> str:
+        same = next(c for c in plan.chunks if c.key == chunk.key)
+        return engine.lowered_key(plan, same, target, precision)
+
+    k = key(base)
+    assert key(_plan(tmp_path)) == k  # deterministic
+    # the quantization policy is not part of it: that is what makes re-quantizing cheap
+    assert key(_plan(tmp_path, quantize="int8")) == k
+    assert key(base, precision="fp32") != k
+    assert key(base, target="onnx") != k
+    assert key(_plan(tmp_path, seed=1)) != k
+    assert key(_plan(tmp_path, plugins=("stdit", "tdtm"))) != k
+    # the resume fingerprint does depend on the policy
+    fp = engine.chunk_fingerprint(base, chunk, "coreml", "fp16")
+    assert engine.chunk_fingerprint(base, chunk, "coreml", "int8") != fp
+
+
+def _chunks(params: list[int]) -> list[Chunk]:
+    return [
+        Chunk(
+            component="c",
+            index=i,
+            name=f"c{i}",
+            build=object,  # never called: auto_jobs reads params only
+            example_inputs=tuple,
+            inputs=(),
+            outputs=(),
+            params=p,
+        )
+        for i, p in enumerate(params)
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    params=st.lists(st.integers(1, 2_000_000_000), min_size=1, max_size=40),
+    cores=st.integers(1, 64),
+    host=st.integers(1_000_000_000, 512_000_000_000),
+)
+def test_auto_jobs_fits_cores_chunks_and_memory(params: list[int], cores: int, host: int) -> None:
+    jobs, reason = engine.auto_jobs(_chunks(params), host, cores=cores)
+    assert 1 <= jobs <= max(1, min(cores, len(params)))
+    assert reason
+    if jobs > 1:
+        peak = max(engine.export_peak_bytes(p) for p in params)
+        assert jobs * peak <= host
+        assert sum(params) >= engine.PARALLEL_MIN_PARAMS
+
+
+def test_auto_jobs_examples() -> None:
+    pair = 42_467_328  # one STDiT3-XL/2 block pair
+    # full-size STDiT3 on a 2-core, 24 GB machine: both cores
+    assert engine.auto_jobs(_chunks([18_500_000, 15 * pair, 13 * pair, 1]), 18 * 10**9, 2)[0] == 2
+    # the same on a 4 GB export budget: one 15-pair chunk needs ~7 GB, so one worker
+    jobs, reason = engine.auto_jobs(_chunks([15 * pair, 13 * pair]), 4 * 10**9, 2)
+    assert jobs == 1 and "memory" in reason
+    # a tiny model: workers would cost more than they save
+    jobs, reason = engine.auto_jobs(_chunks([76_000, 534_000, 2_000]), 18 * 10**9, 8)
+    assert jobs == 1 and "too small" in reason
+
+
+def test_tiny_plan_runs_serially_by_default(tmp_path: Path) -> None:
+    plan = _plan(tmp_path)
+    assert plan.jobs == 1 and "too small" in plan.jobs_reason
+    assert _plan(tmp_path, jobs=3).jobs == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4G", 4 * 10**9), ("4GB", 4 * 10**9), ("3500M", 3_500_000_000), ("4e9", 4 * 10**9)],
+)
+def test_max_memory_sizes(text: str, value: int) -> None:
+    assert _size_arg(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "4X", "", "10M"])
+def test_max_memory_refuses_nonsense(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        _size_arg(text)
+
+
+def test_max_memory_caps_chunks(tmp_path: Path) -> None:
+    roomy = _plan(tmp_path, size="full", jobs=2)
+    tight = _plan(tmp_path, size="full", jobs=2, host_memory_bytes=4 * 10**9)
+    assert len(tight.chunks) > len(roomy.chunks)
+    per_worker = 4 * 10**9 / 2
+    assert all(engine.export_peak_bytes(c.params) <= per_worker for c in tight.chunks)
