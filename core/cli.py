@@ -8,6 +8,7 @@ export or verification failed, 2 usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -99,9 +100,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANT_POLICIES, help="override the profile's policy")
     p.add_argument(
         "--shapes",
-        default="all",
+        default=os.environ.get("SORA_EXPORT_SHAPES") or "all",
         metavar="all|default|NAME[,NAME...]",
-        help="which of the profile's [[shapes]] every chunk accepts (default: all)",
+        help="which of the profile's [[shapes]] every chunk accepts "
+        "(default: $SORA_EXPORT_SHAPES, else all)",
     )
     p.add_argument(
         "--verify",

@@ -120,10 +120,16 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
     for spec in components:
         policy = request.quantize or profile.quantization.for_chunk(spec.name, "")
         # the chunking hook runs once per shape; the default shape's plan is the component's
-        per_shape = [
-            _plan_component(spec, active, registry, request, profile, weights, policy, shape)
-            for shape in shapes
-        ]
+        # Chunks converted part by part need only their parts to fit the export host's
+        # memory, so a Core ML-only plan first asks for device-sized chunks; if any chunk
+        # then could not be converted here (too big and not stitchable), it is planned
+        # again under the host cap.
+        stitchable = set(targets) == {"coreml"} and not request.whole_chunks
+
+        args = (spec, active, registry, request, profile, weights, policy)
+        per_shape = [_plan_component(*args, shape, not stitchable) for shape in shapes]
+        if stitchable and not all(_fits_host(cs, profile, policy, request) for _, cs in per_shape):
+            per_shape = [_plan_component(*args, shape, True) for shape in shapes]
         pc, chunks = per_shape[0]
         named = [(s.name, c) for s, (_, c) in zip(shapes, per_shape, strict=True)]
         chunks = _match_shapes(spec, named)
@@ -177,7 +183,8 @@ def plan(request: ExportRequest, registry: Registry) -> ExportPlan:
         )
     all_chunks = [c for pc in planned for c in pc.chunks]
     if request.jobs is None:
-        jobs, reason = auto_jobs(all_chunks, request.host_memory_bytes or host_memory_bytes())
+        units = _export_units(all_chunks, request, tuple(targets))
+        jobs, reason = auto_jobs(units, request.host_memory_bytes or host_memory_bytes())
     else:
         jobs, reason = request.jobs, ""
     return ExportPlan(
@@ -203,8 +210,10 @@ def _plan_component(
     weights: dict[str, Path],
     policy: str,
     shape: ExportShape,
+    capped: bool = True,
 ) -> tuple[PlannedComponent, list[Chunk]]:
-    """Describe and chunk one component at one export shape."""
+    """Describe and chunk one component at one export shape (chunks sized by the device
+    budget, ``capped`` by what the export host can convert whole)."""
     ctx = ComponentBuildContext(
         profile=profile,
         size=request.size,
@@ -212,7 +221,9 @@ def _plan_component(
         shape=shape,
         seed=request.seed,
         policy=policy,
-        chunk_budget_bytes=chunk_budget(profile, policy, request),
+        chunk_budget_bytes=(
+            chunk_budget(profile, policy, request) if capped else profile.per_chunk_budget_bytes
+        ),
     )
     try:
         description = spec.describe(ctx)
@@ -329,6 +340,21 @@ def chunk_budget(profile: DeviceProfile, policy: str, request: ExportRequest) ->
     max_params = max(per_worker, 0) / EXPORT_BYTES_PER_PARAM
     host_cap = int(max_params * bytes_per_param(policy))
     return max(1, min(profile.per_chunk_budget_bytes, host_cap))
+
+
+def _fits_host(
+    chunks: list[Chunk], profile: DeviceProfile, policy: str, request: ExportRequest
+) -> bool:
+    """Whether each chunk converts within one worker's share of the export memory: it is
+    small enough, or it is converted part by part and its parts are."""
+    cap = chunk_budget(profile, policy, request) / bytes_per_param(policy)
+    for chunk in chunks:
+        if chunk.params <= cap:
+            continue
+        if _stitched(request, chunk, "coreml") and max(p.params for p in chunk.parts) <= cap:
+            continue
+        return False
+    return True
 
 
 def auto_jobs(chunks: list[Chunk], host_bytes: int, cores: int | None = None) -> tuple[int, str]:
@@ -894,13 +920,28 @@ def patched_variants(
 
 def by_parts(plan: ExportPlan, chunk: Chunk, target: str) -> bool:
     """Whether ``chunk`` is converted part by part and stitched (Core ML only so far)."""
-    request = plan.request
+    return _stitched(plan.request, chunk, target)
+
+
+def _stitched(request: ExportRequest, chunk: Chunk, target: str) -> bool:
     return (
         target == "coreml"
         and len(chunk.parts) > 1
         and not request.whole_chunks
         and chunk.params >= request.stitch_min_params
     )
+
+
+def _export_units(chunks: list[Chunk], request: ExportRequest, targets: tuple[str, ...]) -> list:
+    """What the workers convert one at a time: a chunk, or its parts when it is converted
+    only part by part (a Core ML-only plan)."""
+    units: list[Chunk] = []
+    for chunk in chunks:
+        if all(_stitched(request, chunk, t) for t in targets):
+            units.extend(chunk.parts)
+        else:
+            units.append(chunk)
+    return units
 
 
 CACHE_HIT_NOTE = "lowered model reused from the cache (not captured or lowered again)"

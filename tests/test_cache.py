@@ -173,8 +173,32 @@ def test_max_memory_refuses_nonsense(text: str) -> None:
 
 
 def test_max_memory_caps_chunks(tmp_path: Path) -> None:
-    roomy = _plan(tmp_path, size="full", jobs=2)
-    tight = _plan(tmp_path, size="full", jobs=2, host_memory_bytes=4 * 10**9)
+    # converted whole, chunks shrink until two of them convert side by side in 4 GB
+    roomy = _plan(tmp_path, size="full", jobs=2, whole_chunks=True)
+    tight = _plan(tmp_path, size="full", jobs=2, host_memory_bytes=4 * 10**9, whole_chunks=True)
     assert len(tight.chunks) > len(roomy.chunks)
     per_worker = 4 * 10**9 / 2
     assert all(engine.export_peak_bytes(c.params) <= per_worker for c in tight.chunks)
+    # converted part by part (Core ML), the chunks keep the device's size: the parts fit
+    stitched = _plan(tmp_path, size="full", jobs=2, host_memory_bytes=4 * 10**9)
+    assert [c.name for c in stitched.chunks] == [c.name for c in roomy.chunks]
+    for chunk in stitched.chunks:
+        units = [p.params for p in chunk.parts] or [chunk.params]
+        assert all(engine.export_peak_bytes(u) <= per_worker for u in units)
+    # ... unless a target converts chunks whole
+    both = _plan(
+        tmp_path, size="full", jobs=2, host_memory_bytes=4 * 10**9, targets=("coreml", "onnx")
+    )
+    assert len(both.chunks) == len(tight.chunks)
+
+
+def test_auto_jobs_counts_parts(tmp_path: Path) -> None:
+    # full-size STDiT3 for Core ML: four chunks, but 28 block pairs to convert one by one
+    plan = _plan(tmp_path, size="full", host_memory_bytes=18 * 10**9)
+    units = engine._export_units(plan.chunks, plan.request, plan.targets)
+    assert len(units) == 30
+    peak = max(engine.export_peak_bytes(u.params) for u in units)
+    assert plan.jobs == min(engine.available_cores(), 30, 18 * 10**9 // peak)
+    # converted whole (ONNX too), the two 1.3 GB chunks would need ~7 GB each
+    whole = _plan(tmp_path, size="full", host_memory_bytes=6 * 10**9, targets=("coreml", "onnx"))
+    assert whole.jobs == 1 and "memory" in whole.jobs_reason

@@ -54,7 +54,9 @@ def two_shape_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _export(profile: Path, out: Path, *args: str) -> dict:
-    code = main(["--profile", str(profile), "-o", str(out), *args])
+    # explicit: the suite's default is SORA_EXPORT_SHAPES=default (conftest)
+    shapes = [] if "--shapes" in args else ["--shapes", "all"]
+    code = main(["--profile", str(profile), "-o", str(out), *shapes, *args])
     assert code == 0
     return json.loads((out / "manifest.json").read_text())
 

@@ -119,6 +119,7 @@ def test_host_memory_caps_chunk_size(tmp_path: Path) -> None:
         jobs=2,
         host_memory_bytes=4_000_000_000,
         output=tmp_path / "o",
+        whole_chunks=True,  # converted whole, a chunk must fit the host itself
     )
     plan = engine.plan(request, registry)
     blocks = [c for c in plan.chunks if c.name.startswith("blocks")]
