@@ -8,7 +8,6 @@ export or verification failed, 2 usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from rich.markup import escape
 
 from sora_export.core.errors import SoraExportError, UsageError
 from sora_export.core.shapes import parse_shapes_option
-from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest
+from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest, default_shapes
 
 SUBCOMMANDS = ("verify", "inspect")
 
@@ -100,7 +99,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANT_POLICIES, help="override the profile's policy")
     p.add_argument(
         "--shapes",
-        default=os.environ.get("SORA_EXPORT_SHAPES") or "all",
+        default=None,
         metavar="all|default|NAME[,NAME...]",
         help="which of the profile's [[shapes]] every chunk accepts "
         "(default: $SORA_EXPORT_SHAPES, else all)",
@@ -247,7 +246,7 @@ def run_export(argv: Sequence[str]) -> int:
         resume=args.resume,
         force=args.force,
         seed=args.seed,
-        shapes=parse_shapes_option(args.shapes),
+        shapes=parse_shapes_option(args.shapes) if args.shapes else default_shapes(),
     )
     from sora_export.core import engine
     from sora_export.core.report import console, live_progress, plan_panel, print_report

@@ -7,6 +7,7 @@ happens at the boundaries (CLI, profile TOML, checkpoint loading), not in these 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -345,6 +346,13 @@ class PlannedComponent:
     chunks: tuple[Chunk, ...] = attrs.field(converter=tuple)
 
 
+def default_shapes() -> tuple[str, ...]:
+    """The shapes a request selects unless told: ``$SORA_EXPORT_SHAPES`` (e.g. ``default``
+    while iterating on a model), else every profile shape (``all``)."""
+    text = os.environ.get("SORA_EXPORT_SHAPES", "")
+    return tuple(n.strip() for n in text.split(",") if n.strip()) or ("all",)
+
+
 # Below this, converting a chunk part by part costs more (a capture and a conversion per
 # part) than converting it whole; tiny models never reach it.
 STITCH_MIN_PARAMS = 20_000_000
@@ -375,7 +383,7 @@ class ExportRequest:
     force: bool = False
     seed: int = 0
     # which profile shapes to export: ("all",), ("default",) or shape names
-    shapes: tuple[str, ...] = attrs.field(converter=tuple, default=("all",))
+    shapes: tuple[str, ...] = attrs.field(converter=tuple, factory=default_shapes)
 
 
 @attrs.frozen

@@ -13,9 +13,9 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# CLI exports take the profile's default shape unless a test asks for more: exporting every
-# iphone15pro shape doubles each tiny export, and only tests/test_shapes.py (which passes
-# --shapes all) is about shapes
+# Exports take the profile's default shape unless a test asks for more: exporting every
+# iphone15pro shape doubles each tiny export, and only tests/test_shapes.py (which asks
+# for --shapes all) is about shapes
 os.environ["SORA_EXPORT_SHAPES"] = "default"
 # never the user's ~/.cache: the session's exports share one throw-away lowered-model cache
 os.environ["SORA_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="sora-export-test-cache-")
