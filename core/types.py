@@ -245,7 +245,10 @@ def chained_parts(
 ) -> tuple[Chunk, ...]:
     """Parts of ``chunk`` that run in sequence with the chunk's own inputs and outputs.
 
-    ``pieces`` are ``(name, build, params, meta)`` in order; every part takes the chunk's
+    ``pieces`` are ``(name, build, params, meta)`` in order. A part's name must be unique
+    in its component and independent of the chunk (``pair-03``, not ``blocks-00-14.pair-03``):
+    it keys the part's lowered models in the cache, so a chunk planned differently (another
+    budget or policy) reuses the parts it shares. Every part takes the chunk's
     inputs (and example inputs: capture only needs their shapes) except that input ``n`` in
     ``carry`` comes from the previous part's output ``carry[n]`` (e.g. ``{"tokens":
     "tokens_out"}``). The parts' params must add up to the chunk's.
@@ -261,7 +264,7 @@ def chained_parts(
         Chunk(
             component=chunk.component,
             index=i,
-            name=f"{chunk.name}.{name}",
+            name=name,
             build=build,
             example_inputs=chunk.example_inputs,
             inputs=chunk.inputs,

@@ -158,7 +158,7 @@ def _chunk(params: int = 10) -> Chunk:
 def test_chained_parts_wire_the_carry() -> None:
     chunk = _chunk()
     parts = chained_parts(chunk, [("a", object, 4, {}), ("b", object, 6, {})], {"h": "h_out"})
-    assert [p.name for p in parts] == ["blocks.a", "blocks.b"]
+    assert [p.name for p in parts] == ["a", "b"]  # independent of the chunk: cache keys
     assert parts[0].wiring == {"h": "chunk:h", "bias": "chunk:bias"}
     assert parts[1].wiring == {"h": "previous:h_out", "bias": "chunk:bias"}
     engine._check_parts("p", attrs.evolve(chunk, parts=parts))
@@ -190,3 +190,21 @@ def test_full_size_plans_convert_blocks_by_parts(tmp_path: Path) -> None:
     assert not any(engine.by_parts(whole, c, "coreml") for c in whole.chunks)
     tiny = engine.plan(attrs.evolve(request, size="tiny", verify=False), registry)
     assert not any(engine.by_parts(tiny, c, "coreml") for c in tiny.chunks)
+
+
+def test_parts_keep_their_cache_key_when_chunks_change(tmp_path: Path) -> None:
+    # at fp16 the iPhone budget holds 15 pairs per chunk, at int8 all 28: different chunks,
+    # the same parts, so re-quantizing reuses every lowered pair
+    registry = Registry.discover()
+    request = ExportRequest(plugins=("stdit",), output=tmp_path / "o", size="full", verify=False)
+
+    def keys(policy: str) -> dict[str, str]:
+        plan = engine.plan(attrs.evolve(request, quantize=policy), registry)
+        return {
+            part.name: engine.lowered_key(plan, part, "coreml", "fp16")
+            for chunk in plan.chunks
+            for part in chunk.parts
+        }
+
+    fp16, int8 = keys("fp16"), keys("int8")
+    assert len(fp16) == 28 and fp16 == int8
