@@ -918,6 +918,12 @@ def patched_variants(
         yield variant, _patched(chunk, module, variant, registry, active, profile)
 
 
+def _write_error(chunk: Chunk, path: Path, exc: OSError) -> ExportError:
+    """A failed package write, saying so plainly when the disk is full."""
+    full = " (disk full)" if getattr(exc, "errno", None) == 28 else ""
+    return ExportError(f"{chunk.key}: cannot write {str(path)!r}: {exc.strerror or exc}{full}")
+
+
 def by_parts(plan: ExportPlan, chunk: Chunk, target: str) -> bool:
     """Whether ``chunk`` is converted part by part and stitched (Core ML only so far)."""
     return _stitched(plan.request, chunk, target)
@@ -1255,10 +1261,7 @@ class _TargetExport:
         except StitchError as exc:
             raise ExportError(f"{chunk.key}: stitching its parts failed: {exc}") from exc
         except OSError as exc:
-            raise ExportError(
-                f"{chunk.key}: cannot write {str(final)!r}: {exc.strerror or exc}"
-                + (" (disk full)" if getattr(exc, "errno", None) == 28 else "")
-            ) from exc
+            raise _write_error(chunk, final, exc) from exc
         finally:
             remove_path(work)
             remove_path(tmp)
@@ -1297,10 +1300,7 @@ class _TargetExport:
             atomic_replace(tmp, final)
         except OSError as exc:
             remove_path(tmp)
-            raise ExportError(
-                f"{chunk.key}: cannot write {str(final)!r}: {exc.strerror or exc}"
-                + (" (disk full)" if getattr(exc, "errno", None) == 28 else "")
-            ) from exc
+            raise _write_error(chunk, final, exc) from exc
         except BaseException:
             remove_path(tmp)
             raise
