@@ -17,13 +17,15 @@ Deleting the cache directory at any time is safe.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,19 @@ class LoweredCache:
         os.utime(entry)  # recently used: what a size-bounded clean-up would keep
         return models, meta
 
+    def files(self, key: str, suffix: str) -> tuple[dict[str, Path], dict[str, Any]] | None:
+        """The entry's artifact paths by function and its record, without reading the
+        artifacts (None when missing or incomplete)."""
+        entry = self._entry(key)
+        try:
+            meta = json.loads((entry / ENTRY_FILE).read_text())
+            paths = {n: entry / f"{n}{suffix}" for n in meta["functions"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not all(p.exists() for p in paths.values()):
+            return None
+        return paths, meta
+
     def paths(self, key: str, backend: Any) -> dict[str, Path] | None:
         """Where the entry's artifacts are (checked readable, as :meth:`get`), or None."""
         hit = self.get(key, backend)
@@ -123,24 +138,64 @@ class LoweredCache:
             return None
         return {n: self._entry(key) / f"{n}{backend.suffix}" for n in hit[0]}
 
-    def put(self, key: str, backend: Any, models: Mapping[str, Any], about: Mapping) -> None:
-        """Store ``models`` (function name -> lowered model). Failures only log: a cache
-        that cannot be written (full disk, read-only home) must not fail the export."""
+    def put(self, key: str, backend: Any, models: Mapping[str, Any], about: Mapping) -> bool:
+        """Store ``models`` (function name -> lowered model); returns whether it was
+        stored. Failures only log: a cache that cannot be written (full disk, read-only
+        home) must not fail the export."""
+        writers = {
+            name: functools.partial(backend.save_lowered, model) for name, model in models.items()
+        }
+        return self.put_with(key, backend.suffix, writers, about)
+
+    def put_with(
+        self,
+        key: str,
+        suffix: str,
+        writers: Mapping[str, Callable[[Path], None]],
+        about: Mapping,
+    ) -> bool:
+        """Store an entry whose artifacts ``writers[name](path)`` write themselves (to
+        ``path`` = ``<name><suffix>`` in the new entry). Returns whether it was stored;
+        failures to write only log, as in :meth:`put`."""
         entry = self._entry(key)
         tmp = entry.with_name(f".tmp-{os.getpid()}-{key}")
         try:
             remove_path(tmp)
             tmp.mkdir(parents=True)
-            for name, model in models.items():
-                backend.save_lowered(model, tmp / f"{name}{backend.suffix}")
-            meta = {"functions": list(models), "bytes": tree_bytes(tmp), **about}
+            for name, write in writers.items():
+                write(tmp / f"{name}{suffix}")
+            meta = {"functions": list(writers), "bytes": tree_bytes(tmp), **about}
             (tmp / ENTRY_FILE).write_text(json.dumps(meta, indent=2, default=str))
             if entry.exists():
                 remove_path(entry)
             os.replace(tmp, entry)
+            return True
         except OSError as exc:
             log.warning("could not write cache entry %s: %s", entry, exc)
             remove_path(tmp)
+            return False
         except BaseException:
             remove_path(tmp)
             raise
+
+    @contextmanager
+    def lock(self, key: str, wait: bool = True) -> Iterator[bool]:
+        """Hold an exclusive lock named ``key`` (so two workers do not make the same entry
+        at once). Yields whether it is held: with ``wait=False`` another holder makes it
+        yield False at once. A cache that cannot hold lock files yields True (no lock)."""
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            fh = open(self.root / "locks" / key, "a+b")  # noqa: SIM115 (held across the yield)
+        except OSError:
+            yield True
+            return
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)

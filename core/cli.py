@@ -140,6 +140,11 @@ def export_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="convert every chunk as one graph, never part by part (needs more memory)",
     )
+    p.add_argument(
+        "--no-rebind",
+        action="store_true",
+        help="lower every part on its own, not by binding its weights into a shared template",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted export")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
@@ -243,6 +248,7 @@ def run_export(argv: Sequence[str]) -> int:
         host_memory_bytes=args.max_memory,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         whole_chunks=args.whole_chunks,
+        rebind=not args.no_rebind,
         resume=args.resume,
         force=args.force,
         seed=args.seed,

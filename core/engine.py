@@ -10,8 +10,9 @@ continued with ``--resume``. ``package()`` writes manifest.json and report.json.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import gc
+import functools
 import json
 import math
 import os
@@ -45,8 +46,23 @@ from sora_export.core.bundle import (
 )
 from sora_export.core.cache import LoweredCache, make_key
 from sora_export.core.errors import ExportError, PluginError, SoraExportError, UsageError
-from sora_export.core.memory import TreePeakSampler, peak_rss_bytes, reset_peak_rss
+from sora_export.core.memory import (
+    TreePeakSampler,
+    peak_rss_bytes,
+    release_memory,
+    reset_peak_rss,
+)
 from sora_export.core.profiles import load_profile_file
+from sora_export.core.rebind import (
+    MARKER_SEEDS,
+    Binding,
+    RebindError,
+    derive_bindings,
+    fill_markers,
+    floating_params,
+    signature,
+    write_rebound,
+)
 from sora_export.core.registry import Registry
 from sora_export.core.shapes import dynamic_shapes, enumerated_shapes, group_dims, select_shapes
 from sora_export.core.types import (
@@ -69,7 +85,7 @@ FP16_MAX = 65504.0
 # An fp16 lowering is refused up front when a reference activation exceeds this share of the
 # fp16 range: intermediate sums and the on-device accumulation order add headroom needs.
 FP16_HEADROOM = 0.5
-STAGES = ("build", "reference", "capture", "cache", "lower", "quantize", "save", "verify")
+STAGES = ("build", "reference", "capture", "cache", "lower", "rebind", "quantize", "save", "verify")
 
 
 # -- events: the engine reports progress through a callback, never prints -------------------
@@ -636,9 +652,11 @@ class _Prepared:
         timings: dict[str, float],
         sink: EventSink,
         measure: bool = True,
+        weights: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
         self.chunk, self.registry, self.active, self.profile = chunk, registry, active, profile
         self.timings, self.sink, self.measure = timings, sink, measure
+        self.weights = weights  # called on every built module before it is used
         self.at_shape = chunk.shape_chunks()
         self.shape_names = list(self.at_shape)
         self._measured = False  # references, inputs and max activation are known
@@ -744,6 +762,8 @@ class _Prepared:
             for b in builders:
                 base = b()
                 base.eval()
+                if self.weights is not None:
+                    self.weights(base)
                 for p in base.parameters():
                     p.requires_grad_(False)
                 bases.append(base)
@@ -998,11 +1018,13 @@ def lower_part(
     timings: dict[str, float],
     sink: EventSink = _ignore,
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """One part's lowered models, from ``cache`` or captured and lowered now (and cached).
+    """One part's lowered models, from ``cache`` or made now (and cached).
 
     Returns the models (by artifact function), what the cache entry records about them
-    (:func:`_lowered_about`) and whether they came from the cache. Parts are never verified on
-    their own (the stitched chunk is), so nothing but the part is built and captured.
+    (:func:`_lowered_about`) and whether they came from the cache. A part with a
+    ``template`` is bound into its template's lowered package (:func:`rebind_part`); one
+    without, or whose template cannot be used, is captured and lowered. Parts are never
+    verified on their own (the stitched chunk is), so nothing but the part is built.
     """
     backend = get_backend(target)
     key = lowered_key(plan, part, target, precision)
@@ -1011,13 +1033,299 @@ def lower_part(
         hit = cache.get(key, backend)
     if hit is not None:
         return hit[0], hit[1], True
+    unused = ""
+    if part.template and plan.request.rebind and target == "coreml":
+        try:
+            rebind_part(plan, registry, chunk, part, target, precision, cache, timings, sink)
+            hit = cache.get(key, backend)
+            if hit is not None:
+                return hit[0], hit[1], False
+            unused = f"template {part.template!r} not used: its part vanished from the cache"
+        except RebindError as exc:
+            unused = f"template {part.template!r} not used: {exc}"
     prepared = _Prepared(part, registry, set(plan.plugins), plan.profile, timings, sink, False)
     models = lower_programs(backend, prepared, part, plan.profile, precision, timings, sink)
     about = _lowered_about(prepared, part, target, precision)
+    if unused:
+        about["template_note"] = unused
     del prepared
     with _timed(timings, "cache"):
         cache.put(key, backend, models, about)
     return models, about, False
+
+
+# -- template rebinding (core/rebind.py) --------------------------------------------------
+@attrs.frozen
+class _Template:
+    """A part template lowered with markers: where each function's package is (the first
+    marker lowering, in the cache), where the parameters land in it, and what a part
+    must match to be bound into it."""
+
+    packages: dict[str, Path]
+    bindings: dict[str, list[Binding]]
+    signature: dict[str, list]
+    about: dict[str, Any]
+
+
+# per process: template key -> the template, or why it cannot be used
+_TEMPLATES: dict[str, _Template | RebindError] = {}
+
+
+def template_key(
+    plan: ExportPlan, part: Chunk, target: str, precision: str, seed: int, policy: str | None = None
+) -> str:
+    """Cache key of ``part``'s template lowered with the markers of ``seed`` (and quantized
+    under ``policy``): the part's identity without what tells parts of one template apart
+    (name, meta)."""
+    identity = _chunk_identity(plan, part)
+    for field in ("chunk", "meta"):
+        identity.pop(field)
+    quantized = {}
+    if policy is not None:
+        quantized = {"policy": policy, "quantization": attrs.asdict(plan.profile.quantization)}
+    return make_key(
+        {
+            **identity,
+            **quantized,
+            "template": f"{part.component}/{part.template}",
+            "target": target,
+            "precision": precision,
+            "marker_seed": seed,
+            "v": 1,
+        }
+    )
+
+
+def _lower_markers(
+    plan: ExportPlan,
+    registry: Registry,
+    part: Chunk,
+    target: str,
+    precision: str,
+    cache: LoweredCache,
+    key: str,
+    seed: int,
+    timings: dict[str, float],
+    sink: EventSink,
+) -> None:
+    """Capture and lower ``part`` with marker weights; cache it under ``key``."""
+    backend = get_backend(target)
+    signatures: list[dict[str, list]] = []
+
+    def markers(module: torch.nn.Module) -> None:
+        fill_markers(module, seed)
+        signatures.append(signature(module))
+
+    prepared = _Prepared(
+        part, registry, set(plan.plugins), plan.profile, timings, _ignore, False, markers
+    )
+    sink(Event("stage", part.key, "lower", f"template {part.template} (markers {seed})"))
+    models = lower_programs(backend, prepared, part, plan.profile, precision, timings, _ignore)
+    if any(sig != signatures[0] for sig in signatures):
+        raise RebindError("the part's modules differ between its export shapes")
+    about = {
+        **_lowered_about(prepared, part, target, precision),
+        "template": part.template,
+        "marker_seed": seed,
+        "signature": signatures[0],
+    }
+    del prepared  # the module and captured programs: only the lowered models stay
+    release_memory()
+    with _timed(timings, "cache"):
+        if not cache.put(key, backend, models, about):
+            raise RebindError(f"cannot write the template to {cache.root}")
+
+
+def _ensure_entries(
+    cache: LoweredCache, keys: list[tuple[int, str]], make: Callable[[int, str], None]
+) -> None:
+    """Make the missing cache entries ``(seed, key)`` with ``make(seed, key)``, each under
+    its lock: first those no other worker is making, then (waiting) the others."""
+    suffix = get_backend("coreml").suffix
+    todo = keys
+    for wait in (False, True):
+        later = []
+        for seed, key in todo:
+            with cache.lock(key, wait=wait) as held:
+                if not held:
+                    later.append((seed, key))
+                elif cache.files(key, suffix) is None:
+                    make(seed, key)
+        todo = later
+
+
+def part_template(
+    plan: ExportPlan,
+    registry: Registry,
+    part: Chunk,
+    target: str,
+    precision: str,
+    cache: LoweredCache,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+    policy: str | None = None,
+) -> _Template:
+    """``part``'s template: its two marker lowerings (from the cache, or made now) -- and,
+    for a quantization ``policy``, the two quantized by the quantize hook -- with the
+    bindings derived from them. Workers wanting the same template share the work: each
+    lowering is made under a lock by one worker while another makes the other one or
+    waits. Raises :class:`RebindError` when it cannot be used."""
+    keys = [template_key(plan, part, target, precision, seed) for seed in MARKER_SEEDS]
+    qkeys = [template_key(plan, part, target, precision, seed, policy) for seed in MARKER_SEEDS]
+    memo = qkeys[0]
+    known = _TEMPLATES.get(memo)
+    if isinstance(known, RebindError):
+        raise known
+    if known is not None:
+        return known
+    backend = get_backend(target)
+    # both marker lowerings, in whichever worker, of one part: the first of its template
+    # (the graph is the same for all, but value names follow the module paths)
+    canonical = next(
+        (
+            p
+            for c in plan.chunks
+            for p in c.parts
+            if p.component == part.component and p.template == part.template
+        ),
+        part,
+    )
+
+    def lower(seed: int, key: str) -> None:
+        _lower_markers(
+            plan, registry, canonical, target, precision, cache, key, seed, timings, sink
+        )
+
+    def quantize(seed: int, key: str) -> None:
+        assert policy is not None
+        hit = cache.get(keys[MARKER_SEEDS.index(seed)], backend)
+        if hit is None:
+            raise RebindError("its marker lowering vanished from the cache")
+        models, about = hit
+        sink(Event("stage", part.key, "quantize", f"template {part.template} {policy}"))
+        with _timed(timings, "quantize"):
+            quantized = {
+                f: quantize_with_plugins(registry, plan, m, policy, part, target)
+                for f, m in models.items()
+            }
+        if not cache.put(key, backend, quantized, {**about, "policy": policy}):
+            raise RebindError(f"cannot write the template to {cache.root}")
+
+    try:
+        _ensure_entries(cache, list(zip(MARKER_SEEDS, keys, strict=True)), lower)
+        if policy is not None:
+            _ensure_entries(cache, list(zip(MARKER_SEEDS, qkeys, strict=True)), quantize)
+        entries = [cache.files(key, backend.suffix) for key in qkeys]
+        if any(e is None for e in entries):
+            raise RebindError("its marker lowerings vanished from the cache")
+        (first, about), (second, about_b) = entries  # type: ignore[misc]
+        if list(first) != list(second) or about["signature"] != about_b["signature"]:
+            raise RebindError("its two marker lowerings have different functions")
+        shapes = [shape for shape, _dtype in about["signature"]["params"]]
+        with _timed(timings, "rebind"):
+            bindings = {
+                f: derive_bindings(first[f], second[f], shapes, quantized=policy is not None)
+                for f in first
+            }
+        template = _Template(
+            packages=first,
+            bindings=bindings,
+            signature=about["signature"],
+            about={k: about[k] for k in ("target", "precision", "strategy", "strategy_note")},
+        )
+    except RebindError as exc:
+        _TEMPLATES[memo] = exc
+        raise
+    except (ExportError, OSError, ValueError) as exc:
+        error = RebindError(f"{type(exc).__name__}: {exc}")
+        _TEMPLATES[memo] = error
+        raise error from exc
+    _TEMPLATES[memo] = template
+    return template
+
+
+def rebind_part(
+    plan: ExportPlan,
+    registry: Registry,
+    chunk: Chunk,
+    part: Chunk,
+    target: str,
+    precision: str,
+    cache: LoweredCache,
+    timings: dict[str, float],
+    sink: EventSink = _ignore,
+    policy: str | None = None,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """``part``'s packages made by binding its weights into its template's (see
+    core/rebind.py): lowered, or with a quantization ``policy`` quantized; cached like a
+    lowering under :func:`lowered_key` / :func:`quantized_key`. Returns the packages by
+    function and the entry's record. Raises :class:`RebindError` when the template
+    cannot be used or the part does not match it."""
+    backend = get_backend(target)
+    if policy is None:
+        key = lowered_key(plan, part, target, precision)
+    else:
+        key = quantized_key(plan, part, target, precision, policy)
+    template = part_template(plan, registry, part, target, precision, cache, timings, sink, policy)
+    sink(Event("stage", chunk.key, "build", part.name))
+    with _timed(timings, "build"):
+        module = part.build()
+        if signature(module) != template.signature:
+            raise RebindError(f"{part.name}'s parameters or buffers differ from the template's")
+        params = floating_params(module)
+    about = {**template.about, "chunk": part.key, "template": part.template}
+    if policy is not None:
+        about["policy"] = policy
+    writers = {
+        function: functools.partial(write_rebound, package, template.bindings[function], params)
+        for function, package in template.packages.items()
+    }
+    # binding quantized weights is quantizing; binding lowered ones replaces lowering
+    stage = "rebind" if policy is None else "quantize"
+    sink(Event("stage", chunk.key, stage, f"{part.name} {policy or precision}"))
+    with _timed(timings, stage):
+        stored = cache.put_with(key, backend.suffix, writers, about)
+    del module, params, writers
+    found = cache.files(key, backend.suffix) if stored else None
+    if found is None:
+        raise RebindError(f"cannot write {part.name}'s package to {cache.root}")
+    return found
+
+
+def quantized_key(plan: ExportPlan, part: Chunk, target: str, precision: str, policy: str) -> str:
+    """Cache key of a part's models quantized under ``policy`` (and the profile's
+    quantization options)."""
+    return make_key(
+        {
+            **_chunk_identity(plan, part),
+            "target": target,
+            "precision": precision,
+            "policy": policy,
+            "quantization": attrs.asdict(plan.profile.quantization),
+            "v": 1,
+        }
+    )
+
+
+def quantize_with_plugins(
+    registry: Registry, plan: ExportPlan, model: Any, policy: str, chunk: Chunk, target: str
+) -> Any:
+    """``model`` quantized under ``policy`` by the first plugin whose quantize hook takes it."""
+    quantized = registry.call(
+        "sora_export_quantize",
+        set(plan.plugins),
+        firstresult=True,
+        artifact=model,
+        policy=policy,
+        chunk=chunk,
+        target=target,
+        profile=plan.profile,
+    )
+    if quantized is None:
+        raise ExportError(
+            f"{chunk.key}: no plugin quantizes {target} artifacts with policy {policy!r}"
+        )
+    return quantized
 
 
 def _lowered_about(prepared: _Prepared, chunk: Chunk, target: str, precision: str) -> dict:
@@ -1055,6 +1363,9 @@ class _TargetExport:
     part_cache: LoweredCache | None = None
     cache_hits: int = 0
     cache_misses: int = 0
+    # parts bound into a template (by template name), and why a template was not used
+    rebound: dict[str, int] = attrs.Factory(dict)
+    template_notes: list[str] = attrs.Factory(list)
 
     @property
     def forced(self) -> bool:
@@ -1178,6 +1489,10 @@ class _TargetExport:
             )
             self.cache_hits += hit
             self.cache_misses += not hit
+            if about.get("template"):
+                self.rebound[about["template"]] = self.rebound.get(about["template"], 0) + 1
+            if about.get("template_note") and about["template_note"] not in self.template_notes:
+                self.template_notes.append(about["template_note"])
             # the stitched chunk takes its shapes as its parts do
             self.prepared.adopt(about["strategy"], about["strategy_note"])
             return models
@@ -1215,6 +1530,8 @@ class _TargetExport:
         from sora_export.core.backends.stitch import StitchError, stitch_packages
 
         chunk, precision = self.chunk, _lower_precision(policy)
+        self.rebound.clear()
+        self.template_notes.clear()
         folder = self.stage_dir / chunk.component
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{chunk.index:02d}-{chunk.name}{backend.suffix}"
@@ -1227,6 +1544,17 @@ class _TargetExport:
             located: list[dict[str, tuple[Path, str]]] = []
             functions: tuple[str, ...] = ()
             for part in chunk.parts:
+                bound = self.bound_quantized(part, precision, policy)
+                if bound is not None:
+                    if functions and tuple(bound) != functions:
+                        raise ExportError(
+                            f"{chunk.key}: its parts take the export shapes differently "
+                            f"({part.name} has functions {list(bound)}, the first part "
+                            f"{list(functions)}); export with --whole-chunks"
+                        )
+                    functions = tuple(bound)
+                    located.append({f: (path, "main") for f, path in bound.items()})
+                    continue
                 key = lowered_key(self.plan, part, self.target, precision)
                 models = self.lowered(backend, precision, part)
                 if not functions:
@@ -1265,26 +1593,62 @@ class _TargetExport:
         finally:
             remove_path(work)
             remove_path(tmp)
-        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched")
+        bound = "".join(
+            f"; {n} bound into one lowered template {name!r}" for name, n in self.rebound.items()
+        )
+        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched{bound}")
+        self.notes.extend(self.template_notes)
         return final, functions
 
+    def bound_quantized(self, part: Chunk, precision: str, policy: str) -> dict[str, Path] | None:
+        """``part`` quantized under ``policy`` by binding its weights into its quantized
+        template (from the part cache, or made now); None when the part has no template,
+        the policy is not a quantization, or the template cannot be used (then the part's
+        lowered model is quantized on its own, and the notes say why)."""
+        if (
+            policy in ("fp32", "fp16", "auto")
+            or not part.template
+            or not self.plan.request.rebind
+            or self.part_cache is None
+        ):
+            return None
+        backend = get_backend(self.target)
+        key = quantized_key(self.plan, part, self.target, precision, policy)
+        found = self.part_cache.files(key, backend.suffix)
+        hit = found is not None
+        if found is None:
+            try:
+                found = rebind_part(
+                    self.plan,
+                    self.registry,
+                    self.chunk,
+                    part,
+                    self.target,
+                    precision,
+                    self.part_cache,
+                    self.timings,
+                    self.sink,
+                    policy,
+                )
+            except RebindError as exc:
+                note = f"template {part.template!r} not used for {policy}: {exc}"
+                if note not in self.template_notes:
+                    self.template_notes.append(note)
+                return None
+        paths, about = found
+        # nothing captured or lowered for it: the lowered models (or the part) were at hand
+        lowered = lowered_key(self.plan, part, self.target, precision)
+        hit = hit or self.part_cache.files(lowered, backend.suffix) is not None
+        self.cache_hits += hit
+        self.cache_misses += not hit
+        self.rebound[part.template] = self.rebound.get(part.template, 0) + 1
+        self.prepared.adopt(about["strategy"], about["strategy_note"])
+        return paths
+
     def quantize(self, model: Any, policy: str) -> Any:
-        quantized = self.registry.call(
-            "sora_export_quantize",
-            self.active,
-            firstresult=True,
-            artifact=model,
-            policy=policy,
-            chunk=self.chunk,
-            target=self.target,
-            profile=self.plan.profile,
+        return quantize_with_plugins(
+            self.registry, self.plan, model, policy, self.chunk, self.target
         )
-        if quantized is None:
-            raise ExportError(
-                f"{self.chunk.key}: no plugin quantizes {self.target} artifacts with "
-                f"policy {policy!r}"
-            )
-        return quantized
 
     def save(self, backend: Any, models: dict[str, Any]) -> tuple[Path, tuple[str, ...]]:
         """Write under a temp name, then rename into place: never half a package."""
@@ -1454,7 +1818,7 @@ def export_chunk(
             )
         )
     del prepared
-    gc.collect()
+    release_memory()
     return results
 
 
@@ -1630,9 +1994,32 @@ def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> 
     timings: dict[str, float] = {}
     precision = _lower_precision(_policy(plan, chunk))
     cache = part_cache(plan, stage)
-    lower_part(
-        plan, _WORKER_REGISTRY, chunk, chunk.parts[part], "coreml", precision, cache, timings
-    )
+    the_part = chunk.parts[part]
+    suffix = get_backend("coreml").suffix
+    if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
+        lower_part(plan, _WORKER_REGISTRY, chunk, the_part, "coreml", precision, cache, timings)
+    policy = _policy(plan, chunk)
+    if (
+        policy not in ("fp32", "fp16", "auto")
+        and the_part.template
+        and plan.request.rebind
+        and cache.files(quantized_key(plan, the_part, "coreml", precision, policy), suffix) is None
+    ):
+        # quantized here too, so the chunk's task only stitches; a template that cannot
+        # be used is left to that task (which quantizes the part itself and notes why)
+        with contextlib.suppress(RebindError):
+            rebind_part(
+                plan,
+                _WORKER_REGISTRY,
+                chunk,
+                the_part,
+                "coreml",
+                precision,
+                cache,
+                timings,
+                policy=policy,
+            )
+    release_memory()
     return timings
 
 
@@ -1653,7 +2040,7 @@ def _add_timings(results: list[ChunkResult], extra: dict[str, float]) -> list[Ch
         timings = dict(r.timings)
         for stage, seconds in extra.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        if "lower" in extra and r.lowered_cache == "hit":
+        if ("lower" in extra or "rebind" in extra) and r.lowered_cache == "hit":
             notes = tuple(n for n in r.notes if n != CACHE_HIT_NOTE)
             r = attrs.evolve(r, lowered_cache="stored", notes=notes)
         out.append(attrs.evolve(r, timings=timings))
@@ -1705,18 +2092,33 @@ def _run_parallel(
             futures: dict[Any, tuple[str, Chunk]] = {}
             waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
             part_timings: dict[str, dict[str, float]] = {}
+            # Queue order: the first parts (with templates, the first two make its two
+            # marker lowerings side by side while the other workers wait for them), then
+            # the chunks without parts, then the other parts (bound in moments once the
+            # template exists). A chunk's own task is queued when its parts are done.
+            part_tasks: list[tuple[Chunk, int]] = []
+            whole: list[Chunk] = []
             for chunk in todo:
                 attempts[chunk.key] += 1
                 sink(Event("chunk-start", chunk.key))
                 parts = _part_tasks(plan, chunk)
                 waiting[chunk.key] = len(parts)
                 part_timings[chunk.key] = {}
-                for i in parts:
-                    future = pool.submit(_worker_lower_part, plan, index_of[chunk.key], i, stage)
-                    futures[future] = ("part", chunk)
+                part_tasks.extend((chunk, i) for i in parts)
                 if not parts:
-                    future = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
-                    futures[future] = ("chunk", chunk)
+                    whole.append(chunk)
+            tasks = [
+                *(("part", c, i) for c, i in part_tasks[:jobs]),
+                *(("chunk", c, 0) for c in whole),
+                *(("part", c, i) for c, i in part_tasks[jobs:]),
+            ]
+            for kind, chunk, i in tasks:
+                index = index_of[chunk.key]
+                if kind == "part":
+                    future = pool.submit(_worker_lower_part, plan, index, i, stage)
+                else:
+                    future = pool.submit(_worker_export, plan, index, stage)
+                futures[future] = (kind, chunk)
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)

@@ -218,6 +218,14 @@ class Chunk:
     # chunk's input) or ``"previous:NAME"`` (the previous part's output); the last part's
     # outputs are this chunk's outputs. See :func:`chained_parts`.
     parts: tuple[Chunk, ...] = attrs.field(converter=tuple, factory=tuple)
+    # Optional, for parts: parts with the same non-empty template trace to one graph and
+    # differ only in the values of their parameters (same parameters in the same order and
+    # shapes, equal buffers), like the block pairs of a transformer. The engine then lowers
+    # the template once (with marker weights, twice, to learn where every parameter lands
+    # in the lowered weights) and writes every other part's lowered model by binding its
+    # own weights into the template's; anything the check finds weight-dependent makes the
+    # parts convert one by one instead. See core/rebind.py.
+    template: str = ""
 
     @property
     def key(self) -> str:
@@ -242,6 +250,7 @@ def chained_parts(
     chunk: Chunk,
     pieces: Sequence[tuple[str, ModuleBuilder, int, Mapping[str, Any]]],
     carry: Mapping[str, str],
+    template: str = "",
 ) -> tuple[Chunk, ...]:
     """Parts of ``chunk`` that run in sequence with the chunk's own inputs and outputs.
 
@@ -251,7 +260,9 @@ def chained_parts(
     budget or policy) reuses the parts it shares. Every part takes the chunk's
     inputs (and example inputs: capture only needs their shapes) except that input ``n`` in
     ``carry`` comes from the previous part's output ``carry[n]`` (e.g. ``{"tokens":
-    "tokens_out"}``). The parts' params must add up to the chunk's.
+    "tokens_out"}``). The parts' params must add up to the chunk's. ``template`` (e.g.
+    ``"stdit3-block-pair"``) says the pieces are one architecture with different weights
+    (:attr:`Chunk.template`).
     """
     if sum(p for _, _, p, _ in pieces) != chunk.params:
         raise ValueError(f"{chunk.key}: parts hold a different number of weights than the chunk")
@@ -275,6 +286,7 @@ def chained_parts(
                 for s in chunk.inputs
             },
             meta=meta,
+            template=template,
         )
         for i, (name, build, params, meta) in enumerate(pieces)
     )
@@ -382,6 +394,8 @@ class ExportRequest:
     # part by part and stitched; whole_chunks converts every chunk as one graph
     stitch_min_params: int = STITCH_MIN_PARAMS
     whole_chunks: bool = False
+    # bind the weights of parts sharing a template into one lowered package (core.rebind)
+    rebind: bool = True
     resume: bool = False
     force: bool = False
     seed: int = 0

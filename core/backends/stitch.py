@@ -28,6 +28,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import attrs
+
 SPEC_FILE = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS_FILE = Path("Data/com.apple.CoreML/weights/weight.bin")
 BLOB_PATH = "@model_path/weights/weight.bin"
@@ -39,6 +41,34 @@ _META = struct.Struct("<IIQQQ32x")  # sentinel, dtype, size, data offset, paddin
 # a part input bound to the chunk's input NAME, or to the previous part's output NAME
 CHUNK_INPUT = "chunk:"
 PREVIOUS_OUTPUT = "previous:"
+
+
+@attrs.frozen
+class BlobRecord:
+    """One blob of a weight file: its metadata offset (what a const op names), MIL data
+    type, size in bytes and data offset."""
+
+    meta: int
+    dtype: int
+    size: int
+    offset: int
+
+
+def blob_records(path: Path) -> list[BlobRecord]:
+    """Every blob of the weight file ``path``, in file order (reads only the metadata)."""
+    records = []
+    with open(path, "rb") as fh:
+        count, _version = _HEADER.unpack(fh.read(_HEADER.size))
+        at = _HEADER.size
+        for _ in range(count):
+            fh.seek(at)
+            sentinel, dtype, size, offset, _padding = _META.unpack(fh.read(_META.size))
+            if sentinel != _SENTINEL:
+                raise StitchError(f"no weight blob at offset {at} of {path} (bad sentinel)")
+            records.append(BlobRecord(at, dtype, size, offset))
+            at = offset + size
+            at += -at % _ALIGN
+    return records
 
 
 class StitchError(ValueError):
@@ -103,7 +133,7 @@ class _BlobWriter:
         self.fh.write(_HEADER.pack(self.count, 2))
 
 
-def _values(message: Any) -> Iterator[Any]:
+def op_values(message: Any) -> Iterator[Any]:
     """Every ``Value`` proto held by an operation (attributes and bound input values)."""
     yield from message.attributes.values()
     for argument in message.inputs.values():
@@ -258,7 +288,7 @@ def _stitch_function(
             if name_attr is not None and name_attr.immediateValue.tensor.strings.values:
                 values = name_attr.immediateValue.tensor.strings.values
                 values[0] = prefix + values[0]
-            for value in _values(new):
+            for value in op_values(new):
                 if value.WhichOneof("value") == "blobFileValue":
                     blob = value.blobFileValue
                     if package not in sources:

@@ -247,7 +247,10 @@ def plan_chunks(desc: STDiT3Description, budget_bytes: int, policy: str, seed: i
             for i in range(start, stop)
         ]
         chunks.append(
-            attrs.evolve(blocks, parts=chained_parts(blocks, pairs, {"tokens": "tokens_out"}))
+            attrs.evolve(
+                blocks,
+                parts=chained_parts(blocks, pairs, {"tokens": "tokens_out"}, template="block-pair"),
+            )
         )
         previous = f"{NAME}/{name}"
     chunks.append(

@@ -384,7 +384,10 @@ def plan_chunks(desc: T5Description, budget_bytes: int, policy: str, seed: int) 
             for i in range(start, stop)
         ]
         chunks.append(
-            attrs.evolve(group, parts=chained_parts(group, blocks, {"hidden": "hidden_out"}))
+            attrs.evolve(
+                group,
+                parts=chained_parts(group, blocks, {"hidden": "hidden_out"}, template="block"),
+            )
         )
         previous = f"{NAME}/{name}:hidden_out"
     chunks.append(

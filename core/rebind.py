@@ -1,0 +1,300 @@
+"""Lower one part, bind the weights of its look-alikes: template rebinding.
+
+The 28 block pairs of STDiT3-XL/2 (or the 24 blocks of T5-XXL) are one architecture with
+different weights. Capturing and lowering each of them costs seconds of tracing and
+converter passes that compute the same graph every time; only the weight values differ.
+So a plugin may give its parts a ``template`` name (:attr:`Chunk.template`), and the
+engine lowers that template once and writes every part's lowered package by putting the
+part's own weights into the template's weight file.
+
+Where does each parameter land in the lowered weights? The converter may transpose,
+reshape, cast or fold them, so the template is lowered twice, each time with its
+parameters replaced by seeded random *markers* (seeds :data:`MARKER_SEEDS`); then
+
+- the numeric values written inline in the two graphs must be the same (a parameter the
+  converter keeps inline cannot be bound);
+- every weight blob of the first lowering must be one parameter's markers as stored -- as
+  is or transposed, in fp16 or fp32 -- with the second lowering holding that parameter's
+  second markers the same way (:class:`Binding`), or else a constant of the graph that the
+  second lowering holds too.
+
+Anything else (a blob folded from two parameters, inline weights) raises
+:class:`RebindError` and the engine converts the parts one by one as before. A part is
+bound only when its parameters have the template's shapes and dtypes in the same order
+and its buffers (and integer parameters) equal the template's (:func:`signature`).
+
+Quantized packages are bound the same way: the two marker lowerings are quantized by the
+quantize hook and compared with quantized layouts among the candidates (int8 data and
+per-channel scales, :func:`int8_per_channel`), so only what really matches coremltools'
+quantizer byte for byte is bound.
+
+The weight file layout is the MIL blob storage of Core ML packages
+(:func:`sora_export.core.backends.stitch.blob_records`). Rebinding never loads a model:
+it copies the template package and overwrites the parameters' blob data in place, so a
+part costs building its module and writing its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from sora_export.core.backends.stitch import WEIGHTS_FILE, blob_records, op_values, read_spec
+
+MARKER_SEEDS = (1, 2)
+MARKER_SCALE = 0.05
+
+
+class RebindError(ValueError):
+    """The template cannot be used: the lowered weights are not the parameters as stored."""
+
+
+def _digest(buffer: Any) -> bytes:
+    return hashlib.blake2b(buffer, digest_size=20).digest()
+
+
+def _raw(t: torch.Tensor) -> Any:
+    """A contiguous tensor's bytes as a uint8 array (no copy)."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def signature(module: torch.nn.Module) -> dict[str, list]:
+    """What two parts must share to be bound through one template: the floating-point
+    parameters' shapes and dtypes in order, and every other tensor's exact value."""
+    params, fixed = [], []
+    for _, p in module.named_parameters():
+        if p.is_floating_point():
+            params.append([list(p.shape), str(p.dtype)])
+        else:
+            fixed.append([list(p.shape), str(p.dtype), _tensor_digest(p)])
+    for _, b in module.named_buffers():
+        fixed.append([list(b.shape), str(b.dtype), _tensor_digest(b)])
+    return {"params": params, "fixed": fixed}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return _digest(_raw(t.detach())).hex()
+
+
+def floating_params(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters bindings index, in :func:`signature` order."""
+    return [p.detach() for _, p in module.named_parameters() if p.is_floating_point()]
+
+
+def marker(index: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Parameter ``index``'s marker values under ``seed``: seeded, distinct per parameter."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn(tuple(shape), generator=g).mul_(MARKER_SCALE)
+
+
+def fill_markers(module: torch.nn.Module, seed: int) -> None:
+    """Replace every floating-point parameter of ``module`` with its markers."""
+    with torch.no_grad():
+        for i, p in enumerate(floating_params(module)):
+            p.copy_(marker(i, p.shape, seed))
+
+
+@attrs.frozen
+class Encoding:
+    """How a parameter is stored in a blob: laid out as is or transposed (2-D), then as
+    ``fp16`` / ``fp32`` values, or quantized to ``int8`` per channel along ``axis`` the
+    way coremltools' linear-symmetric quantizer does it, as its ``data`` or ``scale``."""
+
+    kind: str  # fp16 | fp32 | int8
+    transpose: bool = False
+    axis: int = 0
+    piece: str = ""  # int8: data | scale
+
+    def encode(self, value: torch.Tensor) -> torch.Tensor:
+        t = value.t() if self.transpose else value
+        if self.kind == "fp16":
+            return t.to(torch.float16).contiguous()
+        if self.kind == "fp32":
+            return t.to(torch.float32).contiguous()
+        data, scale = int8_per_channel(t.to(torch.float16), self.axis)
+        return data if self.piece == "data" else scale
+
+    def __str__(self) -> str:
+        name = f"{self.kind}{'.T' if self.transpose else ''}"
+        return f"{name}[axis {self.axis}].{self.piece}" if self.kind == "int8" else name
+
+
+def int8_per_channel(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """coremltools' ``linear_symmetric`` int8 per-channel quantization of an fp16 tensor,
+    in torch: the same fp16 arithmetic (each op computed in fp32 and rounded to fp16, as
+    numpy does for float16), so the same bytes. Returns (int8 data, fp16 scale). Whether
+    it really matches is checked, not assumed: :func:`derive_bindings` only binds a blob
+    whose bytes these give for both marker sets."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    low = weight.amin(dim=dims, keepdim=True)
+    high = weight.amax(dim=dims, keepdim=True)
+    max_abs = torch.maximum(low.abs(), high.abs())
+    if bool((max_abs == 0).any()):
+        raise RebindError("a channel is all zeros (its scale would be 0)")
+    scale = (max_abs - (-max_abs)) / 254  # (max - min) / (127 - (-127))
+    data = torch.round(weight / scale).clamp_(-127, 127).to(torch.int8)
+    return data.contiguous(), scale.contiguous()
+
+
+@attrs.frozen
+class Binding:
+    """One weight blob of the template, at ``offset`` (data) of ``size`` bytes, that holds
+    parameter ``param`` stored as ``encoding``."""
+
+    offset: int
+    size: int
+    param: int
+    encoding: Encoding
+
+
+class _Encoder:
+    """One parameter's encodings, computing each int8 quantization once for both pieces."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+        self.int8: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, encoding: Encoding) -> torch.Tensor:
+        if encoding.kind != "int8":
+            return encoding.encode(self.value)
+        key = (encoding.transpose, encoding.axis)
+        if key not in self.int8:
+            t = self.value.t() if encoding.transpose else self.value
+            self.int8[key] = int8_per_channel(t.to(torch.float16), encoding.axis)
+        data, scale = self.int8[key]
+        return data if encoding.piece == "data" else scale
+
+
+def _encodings(value: torch.Tensor, quantized: bool) -> Iterable[Encoding]:
+    for transpose in (False, True) if value.dim() == 2 else (False,):
+        yield Encoding("fp16", transpose)
+        yield Encoding("fp32", transpose)
+        if quantized and value.dim() >= 1:
+            for axis in range(min(value.dim(), 2)):
+                yield Encoding("int8", transpose, axis, "data")
+                yield Encoding("int8", transpose, axis, "scale")
+
+
+def _inline_values(package: Path) -> list[bytes]:
+    """Every numeric value written into the package's graph (op attributes and inputs
+    given as immediate values), serialized and sorted: what must not depend on weights.
+    Value names (strings) are left out: they follow the order the converter emits ops."""
+    spec = read_spec(package)
+    out: list[bytes] = []
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            for value in op_values(op):
+                if value.HasField("immediateValue"):
+                    tensor = value.immediateValue.tensor
+                    if tensor.WhichOneof("value") != "strings":
+                        out.append(value.SerializeToString(deterministic=True))
+            for inner in op.blocks:
+                walk(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            walk(block)
+    return sorted(out)
+
+
+def derive_bindings(
+    first: Path, second: Path, params: Sequence[Sequence[int]], quantized: bool = False
+) -> list[Binding]:
+    """Where each parameter lands in a template package, from its two marker lowerings.
+
+    ``first`` and ``second`` are the same function lowered (and, with ``quantized``,
+    quantized) with markers of :data:`MARKER_SEEDS` ``[0]`` and ``[1]``; ``params`` are
+    the floating parameters' shapes (:func:`signature`). The bindings are offsets in
+    ``first``.
+
+    The converter may emit the same graph with its ops in another order from one run to
+    the next (coremltools does, for shape-polymorphic programs), so the lowerings are
+    compared as collections: the same numeric values inline in the graph, and the same
+    weight blobs once each parameter's blobs are accounted for (``first``'s holding the
+    first markers, ``second``'s the second). Raises :class:`RebindError` when anything
+    else differs: a parameter-dependent value inline, or a blob that is not a parameter
+    as stored (folded by the converter, or quantized some other way).
+    """
+    if _inline_values(first) != _inline_values(second):
+        raise RebindError("values inline in the lowered graph depend on the weights")
+    weights_a, weights_b = first / WEIGHTS_FILE, second / WEIGHTS_FILE
+    if not weights_a.exists() or not weights_b.exists():
+        if weights_a.exists() or weights_b.exists():
+            raise RebindError("only one of the two lowerings has a weight file")
+        return []
+    seed_a, seed_b = MARKER_SEEDS
+    blobs_a = _blob_digests(weights_a)
+    remaining_b = Counter((size, digest) for _, size, digest in _blob_digests(weights_b))
+    # every parameter's first markers as the converter may store them, by content
+    wanted = {(size, digest) for _, size, digest in blobs_a}
+    found: dict[tuple[int, bytes], tuple[int, Encoding]] = {}
+    for index, shape in enumerate(params):
+        value = marker(index, shape, seed_a)
+        encoder = _Encoder(value)
+        for encoding in _encodings(value, quantized):
+            encoded = encoder(encoding)
+            key = (encoded.numel() * encoded.element_size(), _digest(_raw(encoded)))
+            if key in wanted:
+                found.setdefault(key, (index, encoding))
+    bindings = []
+    for offset, size, digest in blobs_a:
+        hit = found.get((size, digest))
+        if hit is not None:
+            binding = Binding(offset, size, *hit)
+            index = binding.param
+            second_markers = binding.encoding.encode(marker(index, params[index], seed_b))
+            expected = _digest(_raw(second_markers))
+            if remaining_b[(size, expected)] == 0:
+                raise RebindError(f"parameter {index} lands differently in the two lowerings")
+            remaining_b[(size, expected)] -= 1
+            bindings.append(binding)
+        elif remaining_b[(size, digest)]:  # a constant of the graph, in both
+            remaining_b[(size, digest)] -= 1
+        else:
+            raise RebindError(
+                f"a weight blob ({size} bytes at offset {offset}) is not a parameter as "
+                "stored (the converter folded it?)"
+            )
+    if +remaining_b:
+        raise RebindError("the second lowering has weight blobs the first lacks")
+    return bindings
+
+
+def _blob_digests(path: Path) -> list[tuple[int, int, bytes]]:
+    """(data offset, size, digest) of every blob of a weight file."""
+    out = []
+    with open(path, "rb") as fh:
+        for rec in blob_records(path):
+            fh.seek(rec.offset)
+            out.append((rec.offset, rec.size, _digest(fh.read(rec.size))))
+    return out
+
+
+def write_rebound(
+    template: Path, bindings: Sequence[Binding], params: Sequence[torch.Tensor], dest: Path
+) -> None:
+    """Write ``dest``: the ``template`` package with ``params`` bound into its weights."""
+    shutil.copytree(template, dest, ignore=shutil.ignore_patterns(WEIGHTS_FILE.name))
+    if not (template / WEIGHTS_FILE).exists():
+        return
+    shutil.copyfile(template / WEIGHTS_FILE, dest / WEIGHTS_FILE)
+    with open(dest / WEIGHTS_FILE, "r+b") as fh:
+        encoders: dict[int, _Encoder] = {}
+        for binding in sorted(bindings, key=lambda b: b.offset):
+            encoder = encoders.setdefault(binding.param, _Encoder(params[binding.param]))
+            data = encoder(binding.encoding)
+            if data.numel() * data.element_size() != binding.size:
+                raise RebindError(
+                    f"parameter {binding.param} has {data.numel()} values, the template "
+                    f"blob at {binding.offset} holds {binding.size} bytes"
+                )
+            fh.seek(binding.offset)
+            fh.write(_raw(data))
