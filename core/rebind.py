@@ -11,14 +11,14 @@ Where does each parameter land in the lowered weights? The converter may transpo
 reshape, cast or fold them, so the template is lowered twice, each time with its
 parameters replaced by seeded random *markers* (seeds :data:`MARKER_SEEDS`); then
 
-- the numeric values written inline in the two graphs must be the same (a parameter the
-  converter keeps inline cannot be bound);
+- every numeric value written inline in the graph (by op name and input) must be the
+  same in both, or one parameter's markers as stored in both (bound like a blob);
 - every weight blob of the first lowering must be one parameter's markers as stored -- as
   is or transposed, in fp16 or fp32 -- with the second lowering holding that parameter's
   second markers the same way (:class:`Binding`), or else a constant of the graph that the
   second lowering holds too.
 
-Anything else (a blob folded from two parameters, inline weights) raises
+Anything else (a blob or value folded from two parameters) raises
 :class:`RebindError` and the engine converts the parts one by one as before. A part is
 bound only when its parameters have the template's shapes and dtypes in the same order
 and its buffers (and integer parameters) equal the template's (:func:`signature`).
@@ -39,14 +39,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
-from sora_export.core.backends.stitch import WEIGHTS_FILE, blob_records, op_values, read_spec
+from sora_export.core.backends.stitch import SPEC_FILE, WEIGHTS_FILE, blob_records, read_spec
 
 MARKER_SEEDS = (1, 2)
 MARKER_SCALE = 0.05
@@ -104,7 +105,8 @@ def fill_markers(module: torch.nn.Module, seed: int) -> None:
 @attrs.frozen
 class Encoding:
     """How a parameter is stored in a blob: laid out as is or transposed (2-D), then as
-    ``fp16`` / ``fp32`` values, or quantized to ``int8`` per channel along ``axis`` the
+    ``fp16`` / ``fp32`` values, or quantized to ``int8`` per channel along ``axis`` (-1:
+    one scale for the whole tensor) the
     way coremltools' linear-symmetric quantizer does it, as its ``data`` or ``scale``."""
 
     kind: str  # fp16 | fp32 | int8
@@ -126,13 +128,17 @@ class Encoding:
         return f"{name}[axis {self.axis}].{self.piece}" if self.kind == "int8" else name
 
 
+def _reduced_dims(weight: torch.Tensor, axis: int) -> list[int]:
+    return [d for d in range(weight.dim()) if d != axis]
+
+
 def int8_per_channel(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """coremltools' ``linear_symmetric`` int8 per-channel quantization of an fp16 tensor,
     in torch: the same fp16 arithmetic (each op computed in fp32 and rounded to fp16, as
     numpy does for float16), so the same bytes. Returns (int8 data, fp16 scale). Whether
     it really matches is checked, not assumed: :func:`derive_bindings` only binds a blob
     whose bytes these give for both marker sets."""
-    dims = [d for d in range(weight.dim()) if d != axis]
+    dims = _reduced_dims(weight, axis)  # axis -1: every dim (per tensor)
     low = weight.amin(dim=dims, keepdim=True)
     high = weight.amax(dim=dims, keepdim=True)
     max_abs = torch.maximum(low.abs(), high.abs())
@@ -146,12 +152,15 @@ def int8_per_channel(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, tor
 @attrs.frozen
 class Binding:
     """One weight blob of the template, at ``offset`` (data) of ``size`` bytes, that holds
-    parameter ``param`` stored as ``encoding``."""
+    parameter ``param`` stored as ``encoding`` -- or, with ``inline``, a value written
+    into the graph itself (e.g. the 6 int8 scales of STDiT3's ``scale_shift_table``)."""
 
     offset: int
     size: int
     param: int
     encoding: Encoding
+    # a value written inline in the graph instead: (op name, which input or attribute)
+    inline: tuple[str, str] | None = None
 
 
 class _Encoder:
@@ -177,32 +186,62 @@ def _encodings(value: torch.Tensor, quantized: bool) -> Iterable[Encoding]:
         yield Encoding("fp16", transpose)
         yield Encoding("fp32", transpose)
         if quantized and value.dim() >= 1:
-            for axis in range(min(value.dim(), 2)):
+            for axis in (*range(min(value.dim(), 2)), -1):
                 yield Encoding("int8", transpose, axis, "data")
                 yield Encoding("int8", transpose, axis, "scale")
 
 
-def _inline_values(package: Path) -> list[bytes]:
-    """Every numeric value written into the package's graph (op attributes and inputs
-    given as immediate values), serialized and sorted: what must not depend on weights.
-    Value names (strings) are left out: they follow the order the converter emits ops."""
-    spec = read_spec(package)
-    out: list[bytes] = []
+def _inline_slots(spec: Any) -> dict[tuple[str, str], Any]:
+    """Every numeric tensor written into the graph (op attributes and inputs given as
+    immediate values) by (op name, input or attribute): stable across runs, unlike the
+    order the converter emits ops in."""
+    out: dict[tuple[str, str], Any] = {}
 
     def walk(block: Any) -> None:
-        for op in block.operations:
-            for value in op_values(op):
+        for position, op in enumerate(block.operations):
+            name = f"{op.type}#{position}"  # (every op the converter writes has a name)
+            if "name" in op.attributes:
+                name = op.attributes["name"].immediateValue.tensor.strings.values[0]
+            values = [(f"@{k}", v) for k, v in op.attributes.items() if k != "name"]
+            for arg, argument in op.inputs.items():
+                values += [
+                    (f"{arg}[{i}]", b.value)
+                    for i, b in enumerate(argument.arguments)
+                    if b.HasField("value")
+                ]
+            for where, value in values:
                 if value.HasField("immediateValue"):
                     tensor = value.immediateValue.tensor
                     if tensor.WhichOneof("value") != "strings":
-                        out.append(value.SerializeToString(deterministic=True))
+                        key = (name, where)
+                        if key in out:
+                            raise RebindError(f"two ops named {name!r} in the lowered graph")
+                        out[key] = tensor
             for inner in op.blocks:
                 walk(inner)
 
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
             walk(block)
-    return sorted(out)
+    return out
+
+
+def _inline_raw(tensor: Any) -> bytes | None:
+    """An inline tensor's values as stored bytes (fp16 / int8 are ``bytes``, fp32
+    ``floats``); None for kinds we do not bind."""
+    kind = tensor.WhichOneof("value")
+    if kind == "bytes":
+        return bytes(tensor.bytes.values)
+    if kind == "floats":
+        return np.asarray(tensor.floats.values, dtype=np.float32).tobytes()
+    return None
+
+
+def _set_inline(tensor: Any, raw: bytes) -> None:
+    if tensor.WhichOneof("value") == "bytes":
+        tensor.bytes.values = raw
+    else:
+        tensor.floats.values[:] = np.frombuffer(raw, dtype=np.float32).tolist()
 
 
 def derive_bindings(
@@ -223,39 +262,63 @@ def derive_bindings(
     else differs: a parameter-dependent value inline, or a blob that is not a parameter
     as stored (folded by the converter, or quantized some other way).
     """
-    if _inline_values(first) != _inline_values(second):
-        raise RebindError("values inline in the lowered graph depend on the weights")
+    inline_a, inline_b = _inline_slots(read_spec(first)), _inline_slots(read_spec(second))
+    if inline_a.keys() != inline_b.keys():
+        raise RebindError("the two lowerings write different values into the graph")
+    varying_inline = []
+    for key, tensor in inline_a.items():
+        if tensor.SerializeToString(deterministic=True) != inline_b[key].SerializeToString(
+            deterministic=True
+        ):
+            raw_a, raw_b = _inline_raw(tensor), _inline_raw(inline_b[key])
+            if raw_a is None or raw_b is None or len(raw_a) != len(raw_b):
+                raise RebindError(f"a value inline in the graph ({key}) depends on the weights")
+            varying_inline.append((key, raw_a, raw_b))
     weights_a, weights_b = first / WEIGHTS_FILE, second / WEIGHTS_FILE
-    if not weights_a.exists() or not weights_b.exists():
-        if weights_a.exists() or weights_b.exists():
-            raise RebindError("only one of the two lowerings has a weight file")
+    if weights_a.exists() != weights_b.exists():
+        raise RebindError("only one of the two lowerings has a weight file")
+    blobs_a = _blob_digests(weights_a) if weights_a.exists() else []
+    blobs_b = _blob_digests(weights_b) if weights_b.exists() else []
+    if not blobs_a and not varying_inline:
         return []
     seed_a, seed_b = MARKER_SEEDS
-    blobs_a = _blob_digests(weights_a)
-    remaining_b = Counter((size, digest) for _, size, digest in _blob_digests(weights_b))
+    remaining_b = Counter((size, digest) for _, size, digest in blobs_b)
     # every parameter's first markers as the converter may store them, by content
     wanted = {(size, digest) for _, size, digest in blobs_a}
-    found: dict[tuple[int, bytes], tuple[int, Encoding]] = {}
+    wanted |= {(len(raw), _digest(raw)) for _, raw, _ in varying_inline}
+    # (size, digest) -> every (parameter, encoding) giving those bytes, with the digest of
+    # the same encoding of the parameter's second markers (small blobs, e.g. one int8
+    # scale, may match several parameters: the second markers tell them apart)
+    found: dict[tuple[int, bytes], list[tuple[int, Encoding, bytes]]] = {}
     for index, shape in enumerate(params):
-        value = marker(index, shape, seed_a)
+        value, second = marker(index, shape, seed_a), None
         encoder = _Encoder(value)
         for encoding in _encodings(value, quantized):
             encoded = encoder(encoding)
             key = (encoded.numel() * encoded.element_size(), _digest(_raw(encoded)))
             if key in wanted:
-                found.setdefault(key, (index, encoding))
+                second = second or _Encoder(marker(index, shape, seed_b))
+                found.setdefault(key, []).append((index, encoding, _digest(_raw(second(encoding)))))
+
+    def pick(key: tuple[int, bytes], fits: Callable[[bytes], bool], where: str) -> Any:
+        """The one parameter whose first markers give ``key`` and second ``fits``."""
+        hits = [h for h in found.get(key, []) if fits(h[2])]
+        if len({h[0] for h in hits}) > 1:
+            raise RebindError(f"{where} matches several parameters")
+        return hits[0] if hits else None
+
     bindings = []
     for offset, size, digest in blobs_a:
-        hit = found.get((size, digest))
+        where = f"a weight blob ({size} bytes at offset {offset})"
+        hit = pick((size, digest), lambda d, size=size: remaining_b[(size, d)] > 0, where)
         if hit is not None:
-            binding = Binding(offset, size, *hit)
-            index = binding.param
-            second_markers = binding.encoding.encode(marker(index, params[index], seed_b))
-            expected = _digest(_raw(second_markers))
-            if remaining_b[(size, expected)] == 0:
-                raise RebindError(f"parameter {index} lands differently in the two lowerings")
+            index, encoding, expected = hit
             remaining_b[(size, expected)] -= 1
-            bindings.append(binding)
+            bindings.append(Binding(offset, size, index, encoding))
+        elif found.get((size, digest)):
+            raise RebindError(
+                f"parameter {found[(size, digest)][0][0]} lands differently in the two lowerings"
+            )
         elif remaining_b[(size, digest)]:  # a constant of the graph, in both
             remaining_b[(size, digest)] -= 1
         else:
@@ -265,6 +328,13 @@ def derive_bindings(
             )
     if +remaining_b:
         raise RebindError("the second lowering has weight blobs the first lacks")
+    for key, raw_a, raw_b in varying_inline:
+        where = f"a value inline in the graph ({key})"
+        digest_b = _digest(raw_b)
+        hit = pick((len(raw_a), _digest(raw_a)), lambda d, b=digest_b: d == b, where)
+        if hit is None:
+            raise RebindError(f"{where} depends on the weights")
+        bindings.append(Binding(-1, len(raw_a), hit[0], hit[1], inline=key))
     return bindings
 
 
@@ -281,20 +351,35 @@ def _blob_digests(path: Path) -> list[tuple[int, int, bytes]]:
 def write_rebound(
     template: Path, bindings: Sequence[Binding], params: Sequence[torch.Tensor], dest: Path
 ) -> None:
-    """Write ``dest``: the ``template`` package with ``params`` bound into its weights."""
+    """Write ``dest``: the ``template`` package with ``params`` bound into its weights
+    (and into the values written inline in its graph)."""
     shutil.copytree(template, dest, ignore=shutil.ignore_patterns(WEIGHTS_FILE.name))
+    encoders: dict[int, _Encoder] = {}
+
+    def encoded(binding: Binding) -> torch.Tensor:
+        encoder = encoders.setdefault(binding.param, _Encoder(params[binding.param]))
+        data = encoder(binding.encoding)
+        if data.numel() * data.element_size() != binding.size:
+            raise RebindError(
+                f"parameter {binding.param} has {data.numel()} values, the template "
+                f"holds {binding.size} bytes for it"
+            )
+        return data
+
+    inline = [b for b in bindings if b.inline is not None]
+    if inline:
+        spec = read_spec(template)
+        slots = _inline_slots(spec)
+        for binding in inline:
+            _set_inline(slots[binding.inline], _raw(encoded(binding)).tobytes())
+        (dest / SPEC_FILE).write_bytes(spec.SerializeToString())
     if not (template / WEIGHTS_FILE).exists():
         return
     shutil.copyfile(template / WEIGHTS_FILE, dest / WEIGHTS_FILE)
     with open(dest / WEIGHTS_FILE, "r+b") as fh:
-        encoders: dict[int, _Encoder] = {}
         for binding in sorted(bindings, key=lambda b: b.offset):
-            encoder = encoders.setdefault(binding.param, _Encoder(params[binding.param]))
-            data = encoder(binding.encoding)
-            if data.numel() * data.element_size() != binding.size:
-                raise RebindError(
-                    f"parameter {binding.param} has {data.numel()} values, the template "
-                    f"blob at {binding.offset} holds {binding.size} bytes"
-                )
+            if binding.inline is not None:
+                continue
+            data = encoded(binding)
             fh.seek(binding.offset)
             fh.write(_raw(data))

@@ -235,8 +235,9 @@ def plan_chunks(desc: STDiT3Description, budget_bytes: int, policy: str, seed: i
             },
             meta={"blocks": [start, stop]},
         )
-        # one part per block pair: converted separately (in parallel, cached pair by pair)
-        # and stitched into this chunk's package
+        # one part per block pair, converted separately (in parallel, cached pair by pair)
+        # and stitched into this chunk's package; every pair is one architecture, so one
+        # template is lowered and the pairs' weights are bound into it (core/rebind.py)
         pairs = [
             (
                 f"pair-{i:02d}",

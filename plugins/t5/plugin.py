@@ -373,7 +373,8 @@ def plan_chunks(desc: T5Description, budget_bytes: int, policy: str, seed: int) 
             wiring={"hidden": previous, "position_bias": f"{embed_key}:position_bias"},
             meta={"blocks": [start, stop], "example_warmup_blocks": warmup_blocks(cfg, start)},
         )
-        # one part per encoder block, converted separately and stitched (see Chunk.parts)
+        # one part per encoder block, converted separately and stitched (see Chunk.parts);
+        # the blocks share one template (block 0's relative bias lives in the embed chunk)
         blocks = [
             (
                 f"block-{i:02d}",
