@@ -57,7 +57,8 @@ class Folded(Block):
 
 
 class Tiny(Block):
-    """A 3-value parameter the converter keeps inline in the graph, not in weight.bin."""
+    """A parameter the converter folds into one value written inline in the graph (its
+    sum): no parameter as stored."""
 
     def __init__(self) -> None:
         super().__init__()
