@@ -1987,8 +1987,9 @@ def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResul
 
 
 def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> dict[str, float]:
-    """Lower one part of a chunk into the part cache, ahead of the chunk's own task (which
-    then finds it there and only quantizes and stitches). Returns the stage timings."""
+    """Lower one part of a chunk into the part cache, ahead of the chunk's own task, and
+    for a quantized policy with a usable template bind its quantized models too (the
+    chunk's task then finds them there and only stitches). Returns the stage timings."""
     assert _WORKER_REGISTRY is not None
     chunk = plan.chunks[index]
     timings: dict[str, float] = {}
