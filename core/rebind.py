@@ -23,6 +23,12 @@ Anything else (a blob or value folded from two parameters) raises
 bound only when its parameters have the template's shapes and dtypes in the same order
 and its buffers (and integer parameters) equal the template's (:func:`signature`).
 
+What the check cannot see: a value the converter computes from the weights that both
+marker sets happen to give alike (say, a comparison of a weight against a threshold the
+small markers never reach) passes for a constant. Transformer blocks compute no such
+thing, and a verified export (the default) still compares every stitched chunk with
+PyTorch.
+
 Quantized packages are bound the same way: the two marker lowerings are quantized by the
 quantize hook and compared with quantized layouts among the candidates (int8 data and
 per-channel scales, :func:`int8_per_channel`), so only what really matches coremltools'
