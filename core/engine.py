@@ -1525,8 +1525,9 @@ class _TargetExport:
         return "hit" if self.cache_hits else ""
 
     def export_by_parts(self, backend: Any, policy: str) -> tuple[Path, tuple[str, ...]]:
-        """Convert (or take from the cache) each part, quantize it, and stitch the parts
-        into the chunk's package. Holds one part's models at a time."""
+        """Convert (or take from the cache) each part, quantize it (or bind it into its
+        quantized template), and stitch the parts into the chunk's package. Holds one
+        part's models at a time."""
         from sora_export.core.backends.stitch import StitchError, stitch_packages
 
         chunk, precision = self.chunk, _lower_precision(policy)
@@ -1543,28 +1544,25 @@ class _TargetExport:
             work.mkdir()
             located: list[dict[str, tuple[Path, str]]] = []
             functions: tuple[str, ...] = ()
+
+            def same_functions(part: Chunk, got: tuple[str, ...]) -> tuple[str, ...]:
+                if functions and got != functions:
+                    raise ExportError(
+                        f"{chunk.key}: its parts take the export shapes differently "
+                        f"({part.name} has functions {list(got)}, the first part "
+                        f"{list(functions)}); export with --whole-chunks"
+                    )
+                return got
+
             for part in chunk.parts:
                 bound = self.bound_quantized(part, precision, policy)
                 if bound is not None:
-                    if functions and tuple(bound) != functions:
-                        raise ExportError(
-                            f"{chunk.key}: its parts take the export shapes differently "
-                            f"({part.name} has functions {list(bound)}, the first part "
-                            f"{list(functions)}); export with --whole-chunks"
-                        )
-                    functions = tuple(bound)
+                    functions = same_functions(part, tuple(bound))
                     located.append({f: (path, "main") for f, path in bound.items()})
                     continue
                 key = lowered_key(self.plan, part, self.target, precision)
                 models = self.lowered(backend, precision, part)
-                if not functions:
-                    functions = tuple(models)
-                elif tuple(models) != functions:
-                    raise ExportError(
-                        f"{chunk.key}: its parts take the export shapes differently "
-                        f"({part.name} has functions {list(models)}, the first part "
-                        f"{list(functions)}); export with --whole-chunks"
-                    )
+                functions = same_functions(part, tuple(models))
                 if policy in ("fp32", "fp16") and self.part_cache is not None:
                     where = self.part_cache.paths(key, backend)
                     if where is not None:  # stitch straight from the cache entry
@@ -1593,10 +1591,10 @@ class _TargetExport:
         finally:
             remove_path(work)
             remove_path(tmp)
-        bound = "".join(
+        templates = "".join(
             f"; {n} bound into one lowered template {name!r}" for name, n in self.rebound.items()
         )
-        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched{bound}")
+        self.notes.append(f"converted as {len(chunk.parts)} parts and stitched{templates}")
         self.notes.extend(self.template_notes)
         return final, functions
 
