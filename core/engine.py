@@ -1007,18 +1007,24 @@ def lower_programs(
     return models
 
 
-def lower_part(
-    plan: ExportPlan,
-    registry: Registry,
-    chunk: Chunk,
-    part: Chunk,
-    target: str,
-    precision: str,
-    cache: LoweredCache,
-    timings: dict[str, float],
-    sink: EventSink = _ignore,
-) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """One part's lowered models, from ``cache`` or made now (and cached).
+@attrs.frozen
+class _PartJob:
+    """One part of ``chunk`` to lower (or bind) for ``target`` at ``precision``: where its
+    models go (``cache``, the part cache) and where its stage times and events go."""
+
+    plan: ExportPlan
+    registry: Registry
+    chunk: Chunk
+    part: Chunk
+    target: str
+    precision: str
+    cache: LoweredCache
+    timings: dict[str, float]
+    sink: EventSink = _ignore
+
+
+def lower_part(job: _PartJob) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """One part's lowered models, from ``job.cache`` or made now (and cached).
 
     Returns the models (by artifact function), what the cache entry records about them
     (:func:`_lowered_about`) and whether they came from the cache. A part with a
@@ -1026,6 +1032,14 @@ def lower_part(
     without, or whose template cannot be used, is captured and lowered. Parts are never
     verified on their own (the stitched chunk is), so nothing but the part is built.
     """
+    plan, registry, chunk, part = job.plan, job.registry, job.chunk, job.part
+    target, precision, cache, timings, sink = (
+        job.target,
+        job.precision,
+        job.cache,
+        job.timings,
+        job.sink,
+    )
     backend = get_backend(target)
     key = lowered_key(plan, part, target, precision)
     sink(Event("stage", chunk.key, "cache", f"{part.name} {precision}"))
@@ -1036,7 +1050,7 @@ def lower_part(
     unused = ""
     if part.template and plan.request.rebind and target == "coreml":
         try:
-            rebind_part(plan, registry, chunk, part, target, precision, cache, timings, sink)
+            rebind_part(job)
             hit = cache.get(key, backend)
             if hit is not None:
                 return hit[0], hit[1], False
@@ -1096,19 +1110,10 @@ def template_key(
     )
 
 
-def _lower_markers(
-    plan: ExportPlan,
-    registry: Registry,
-    part: Chunk,
-    target: str,
-    precision: str,
-    cache: LoweredCache,
-    key: str,
-    seed: int,
-    timings: dict[str, float],
-    sink: EventSink,
-) -> None:
-    """Capture and lower ``part`` with marker weights; cache it under ``key``."""
+def _lower_markers(job: _PartJob, key: str, seed: int) -> None:
+    """Capture and lower ``job.part`` with marker weights; cache it under ``key``."""
+    plan, part, target, precision = job.plan, job.part, job.target, job.precision
+    timings = job.timings
     backend = get_backend(target)
     signatures: list[dict[str, list]] = []
 
@@ -1117,9 +1122,9 @@ def _lower_markers(
         signatures.append(signature(module))
 
     prepared = _Prepared(
-        part, registry, set(plan.plugins), plan.profile, timings, _ignore, False, markers
+        part, job.registry, set(plan.plugins), plan.profile, timings, _ignore, False, markers
     )
-    sink(Event("stage", part.key, "lower", f"template {part.template} (markers {seed})"))
+    job.sink(Event("stage", part.key, "lower", f"template {part.template} (markers {seed})"))
     models = lower_programs(backend, prepared, part, plan.profile, precision, timings, _ignore)
     if any(sig != signatures[0] for sig in signatures):
         raise RebindError("the part's modules differ between its export shapes")
@@ -1132,8 +1137,8 @@ def _lower_markers(
     del prepared  # the module and captured programs: only the lowered models stay
     release_memory()
     with _timed(timings, "cache"):
-        if not cache.put(key, backend, models, about):
-            raise RebindError(f"cannot write the template to {cache.root}")
+        if not job.cache.put(key, backend, models, about):
+            raise RebindError(f"cannot write the template to {job.cache.root}")
 
 
 def _ensure_entries(
@@ -1154,22 +1159,20 @@ def _ensure_entries(
         todo = later
 
 
-def part_template(
-    plan: ExportPlan,
-    registry: Registry,
-    part: Chunk,
-    target: str,
-    precision: str,
-    cache: LoweredCache,
-    timings: dict[str, float],
-    sink: EventSink = _ignore,
-    policy: str | None = None,
-) -> _Template:
-    """``part``'s template: its two marker lowerings (from the cache, or made now) -- and,
+def part_template(job: _PartJob, policy: str | None = None) -> _Template:
+    """``job.part``'s template: its two marker lowerings (from the cache, or made now) -- and,
     for a quantization ``policy``, the two quantized by the quantize hook -- with the
     bindings derived from them. Workers wanting the same template share the work: each
     lowering is made under a lock by one worker while another makes the other one or
     waits. Raises :class:`RebindError` when it cannot be used."""
+    plan, registry, part, target, precision = (
+        job.plan,
+        job.registry,
+        job.part,
+        job.target,
+        job.precision,
+    )
+    cache, timings, sink = job.cache, job.timings, job.sink
     keys = [template_key(plan, part, target, precision, seed) for seed in MARKER_SEEDS]
     qkeys = [template_key(plan, part, target, precision, seed, policy) for seed in MARKER_SEEDS]
     memo = qkeys[0]
@@ -1192,9 +1195,7 @@ def part_template(
     )
 
     def lower(seed: int, key: str) -> None:
-        _lower_markers(
-            plan, registry, canonical, target, precision, cache, key, seed, timings, sink
-        )
+        _lower_markers(attrs.evolve(job, part=canonical), key, seed)
 
     def quantize(seed: int, key: str) -> None:
         assert policy is not None
@@ -1244,29 +1245,26 @@ def part_template(
     return template
 
 
-def rebind_part(
-    plan: ExportPlan,
-    registry: Registry,
-    chunk: Chunk,
-    part: Chunk,
-    target: str,
-    precision: str,
-    cache: LoweredCache,
-    timings: dict[str, float],
-    sink: EventSink = _ignore,
-    policy: str | None = None,
-) -> tuple[dict[str, Path], dict[str, Any]]:
-    """``part``'s packages made by binding its weights into its template's (see
+def rebind_part(job: _PartJob, policy: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """``job.part``'s packages made by binding its weights into its template's (see
     core/rebind.py): lowered, or with a quantization ``policy`` quantized; cached like a
     lowering under :func:`lowered_key` / :func:`quantized_key`. Returns the packages by
     function and the entry's record. Raises :class:`RebindError` when the template
     cannot be used or the part does not match it."""
+    plan, chunk, part, target, precision = (
+        job.plan,
+        job.chunk,
+        job.part,
+        job.target,
+        job.precision,
+    )
+    cache, timings, sink = job.cache, job.timings, job.sink
     backend = get_backend(target)
     if policy is None:
         key = lowered_key(plan, part, target, precision)
     else:
         key = quantized_key(plan, part, target, precision, policy)
-    template = part_template(plan, registry, part, target, precision, cache, timings, sink, policy)
+    template = part_template(job, policy)
     sink(Event("stage", chunk.key, "build", part.name))
     with _timed(timings, "build"):
         module = part.build()
@@ -1470,23 +1468,26 @@ class _TargetExport:
                 )
         return artifact, verification
 
+    def part_job(self, part: Chunk, precision: str) -> _PartJob:
+        assert self.part_cache is not None
+        return _PartJob(
+            self.plan,
+            self.registry,
+            self.chunk,
+            part,
+            self.target,
+            precision,
+            self.part_cache,
+            self.timings,
+            self.sink,
+        )
+
     def lowered(self, backend: Any, precision: str, part: Chunk | None = None) -> dict[str, Any]:
         """Every function's lowered model at ``precision`` (of the chunk, or of one of its
         parts): from the cache when an earlier run lowered the same thing with the same
         code, else lowered now (and cached)."""
         if part is not None:
-            assert self.part_cache is not None
-            models, about, hit = lower_part(
-                self.plan,
-                self.registry,
-                self.chunk,
-                part,
-                self.target,
-                precision,
-                self.part_cache,
-                self.timings,
-                self.sink,
-            )
+            models, about, hit = lower_part(self.part_job(part, precision))
             self.cache_hits += hit
             self.cache_misses += not hit
             if about.get("template"):
@@ -1616,18 +1617,7 @@ class _TargetExport:
         hit = found is not None
         if found is None:
             try:
-                found = rebind_part(
-                    self.plan,
-                    self.registry,
-                    self.chunk,
-                    part,
-                    self.target,
-                    precision,
-                    self.part_cache,
-                    self.timings,
-                    self.sink,
-                    policy,
-                )
+                found = rebind_part(self.part_job(part, precision), policy)
             except RebindError as exc:
                 note = f"template {part.template!r} not used for {policy}: {exc}"
                 if note not in self.template_notes:
@@ -1994,9 +1984,10 @@ def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> 
     precision = _lower_precision(_policy(plan, chunk))
     cache = part_cache(plan, stage)
     the_part = chunk.parts[part]
+    job = _PartJob(plan, _WORKER_REGISTRY, chunk, the_part, "coreml", precision, cache, timings)
     suffix = get_backend("coreml").suffix
     if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
-        lower_part(plan, _WORKER_REGISTRY, chunk, the_part, "coreml", precision, cache, timings)
+        lower_part(job)
     policy = _policy(plan, chunk)
     if (
         policy not in ("fp32", "fp16", "auto")
@@ -2007,17 +1998,7 @@ def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> 
         # quantized here too, so the chunk's task only stitches; a template that cannot
         # be used is left to that task (which quantizes the part itself and notes why)
         with contextlib.suppress(RebindError):
-            rebind_part(
-                plan,
-                _WORKER_REGISTRY,
-                chunk,
-                the_part,
-                "coreml",
-                precision,
-                cache,
-                timings,
-                policy=policy,
-            )
+            rebind_part(job, policy)
     release_memory()
     return timings
 
