@@ -57,9 +57,12 @@ from sora_export.core.rebind import (
     MARKER_SEEDS,
     Binding,
     RebindError,
+    bindings_from_json,
+    bindings_to_json,
     derive_bindings,
     fill_markers,
     floating_params,
+    read_bound,
     signature,
     write_rebound,
 )
@@ -1075,6 +1078,7 @@ class _Template:
     marker lowering, in the cache), where the parameters land in it, and what a part
     must match to be bound into it."""
 
+    key: str  # the first marker lowering's cache key: what parts bound into it record
     packages: dict[str, Path]
     bindings: dict[str, list[Binding]]
     signature: dict[str, list]
@@ -1224,11 +1228,9 @@ def part_template(job: _PartJob, policy: str | None = None) -> _Template:
             raise RebindError("its two marker lowerings have different functions")
         shapes = [shape for shape, _dtype in about["signature"]["params"]]
         with _timed(timings, "rebind"):
-            bindings = {
-                f: derive_bindings(first[f], second[f], shapes, quantized=policy is not None)
-                for f in first
-            }
+            bindings = _template_bindings(cache, qkeys, first, second, shapes, policy is not None)
         template = _Template(
+            key=qkeys[0],
             packages=first,
             bindings=bindings,
             signature=about["signature"],
@@ -1243,6 +1245,55 @@ def part_template(job: _PartJob, policy: str | None = None) -> _Template:
         raise error from exc
     _TEMPLATES[memo] = template
     return template
+
+
+def _template_bindings(
+    cache: LoweredCache,
+    keys: list[str],
+    first: dict[str, Path],
+    second: dict[str, Path],
+    shapes: list[list[int]],
+    quantized: bool,
+) -> dict[str, list[Binding]]:
+    """The bindings of the marker lowerings cached under ``keys`` by function: derived
+    once (:func:`derive_bindings`, seconds of hashing) and kept in the cache beside them."""
+    key = make_key({"bindings-of": keys, "v": 1})
+    found = cache.files(key, ".json")
+    if found is not None:
+        try:
+            return {f: bindings_from_json(json.loads(p.read_text())) for f, p in found[0].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # derived again below, and rewritten
+    bindings = {f: derive_bindings(first[f], second[f], shapes, quantized) for f in first}
+    writers = {
+        f: lambda path, b=b: path.write_text(json.dumps(bindings_to_json(b)))
+        for f, b in bindings.items()
+    }
+    cache.put_with(key, ".json", writers, {"bindings_of": keys})
+    return bindings
+
+
+def _params_from_lowered(job: _PartJob, shapes: list[list[int]]) -> list[torch.Tensor] | None:
+    """``job.part``'s floating parameters read back from its lowered package in the part
+    cache, when that package was bound into the lowered template (so its bindings say
+    where each parameter is); None otherwise. Re-quantizing then builds no module."""
+    backend = get_backend(job.target)
+    key = lowered_key(job.plan, job.part, job.target, job.precision)
+    found = job.cache.files(key, backend.suffix)
+    if found is None:
+        return None
+    packages, about = found
+    try:
+        template = part_template(job)
+    except RebindError:
+        return None
+    if about.get("bound_from") != template.key or list(packages) != list(template.packages):
+        return None
+    function = next(iter(packages))
+    try:
+        return read_bound(packages[function], template.bindings[function], shapes)
+    except (RebindError, OSError):
+        return None  # the module is built instead
 
 
 def rebind_part(job: _PartJob, policy: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -1265,13 +1316,26 @@ def rebind_part(job: _PartJob, policy: str | None = None) -> tuple[dict[str, Pat
     else:
         key = quantized_key(plan, part, target, precision, policy)
     template = part_template(job, policy)
-    sink(Event("stage", chunk.key, "build", part.name))
-    with _timed(timings, "build"):
-        module = part.build()
-        if signature(module) != template.signature:
-            raise RebindError(f"{part.name}'s parameters or buffers differ from the template's")
-        params = floating_params(module)
+    shapes = [shape for shape, _dtype in template.signature["params"]]
+    # quantizing: the weights as the part's lowered package holds them, if it was bound
+    # (the quantizer sees the lowered, fp16 values either way); else the part's module
+    params = _params_from_lowered(job, shapes) if policy is not None else None
+    if params is not None and any(
+        b.encoding.kind == "fp32" and params[b.param].dtype != torch.float32
+        for bs in template.bindings.values()
+        for b in bs
+    ):
+        params = None  # kept at fp32 by the quantizer: the fp16 copy would lose bits
+    module = None
+    if params is None:
+        sink(Event("stage", chunk.key, "build", part.name))
+        with _timed(timings, "build"):
+            module = part.build()
+            if signature(module) != template.signature:
+                raise RebindError(f"{part.name}'s parameters or buffers differ from the template's")
+            params = floating_params(module)
     about = {**template.about, "chunk": part.key, "template": part.template}
+    about["bound_from"] = template.key
     if policy is not None:
         about["policy"] = policy
     writers = {

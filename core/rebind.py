@@ -42,7 +42,9 @@ part costs building its module and writing its weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -342,6 +344,63 @@ def derive_bindings(
             raise RebindError(f"{where} depends on the weights")
         bindings.append(Binding(-1, len(raw_a), hit[0], hit[1], inline=key))
     return bindings
+
+
+def bindings_to_json(bindings: Sequence[Binding]) -> list[dict[str, Any]]:
+    """Bindings as JSON-ready records (derived once, kept beside the template)."""
+    return [attrs.asdict(b) for b in bindings]
+
+
+def bindings_from_json(records: Sequence[dict[str, Any]]) -> list[Binding]:
+    return [
+        Binding(
+            offset=r["offset"],
+            size=r["size"],
+            param=r["param"],
+            encoding=Encoding(**r["encoding"]),
+            inline=tuple(r["inline"]) if r["inline"] is not None else None,  # type: ignore[arg-type]
+        )
+        for r in records
+    ]
+
+
+def read_bound(
+    package: Path, bindings: Sequence[Binding], shapes: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """The parameters a package written by :func:`write_rebound` with ``bindings`` holds,
+    decoded from their fp16 / fp32 blobs (or inline values), in the dtype stored: the part's
+    weights as its lowered package has them, without building the part.
+
+    Raises :class:`RebindError` when a parameter is bound only in a form that cannot be
+    decoded exactly (quantized)."""
+    found: dict[int, Binding] = {}
+    for binding in bindings:
+        if binding.encoding.kind in ("fp16", "fp32") and binding.param not in found:
+            found[binding.param] = binding
+    missing = [i for i in range(len(shapes)) if i not in found]
+    if missing:
+        raise RebindError(f"parameter {missing[0]} is not stored as fp16 or fp32 values")
+    slots = None
+    params = []
+    with contextlib.ExitStack() as stack:
+        weights = None
+        for index, shape in enumerate(shapes):
+            binding = found[index]
+            if binding.inline is not None:
+                slots = slots if slots is not None else _inline_slots(read_spec(package))
+                raw = _inline_raw(slots[binding.inline]) or b""
+            else:
+                if weights is None:
+                    weights = stack.enter_context(open(package / WEIGHTS_FILE, "rb"))
+                weights.seek(binding.offset)
+                raw = weights.read(binding.size)
+            dtype = torch.float16 if binding.encoding.kind == "fp16" else torch.float32
+            stored = list(reversed(shape)) if binding.encoding.transpose else list(shape)
+            if len(raw) != binding.size or binding.size != math.prod(shape) * dtype.itemsize:
+                raise RebindError(f"parameter {index}'s bytes in {package.name} are cut short")
+            value = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(stored)
+            params.append(value.t() if binding.encoding.transpose else value)
+    return params
 
 
 def _blob_digests(path: Path) -> list[tuple[int, int, bytes]]:

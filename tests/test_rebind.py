@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ from sora_export.core.cache import LoweredCache
 from sora_export.core.rebind import (
     MARKER_SEEDS,
     RebindError,
+    bindings_from_json,
+    bindings_to_json,
     derive_bindings,
     fill_markers,
     floating_params,
+    read_bound,
     signature,
     write_rebound,
 )
@@ -134,15 +138,31 @@ def test_int8_template_quantizes_like_coremltools(tmp_path: Path) -> None:
         return out
 
     first, second, shapes = _template(Block, tmp_path)
-    bindings = derive_bindings(int8(first), int8(second), shapes, quantized=True)
+    template = int8(first)
+    bindings = derive_bindings(template, int8(second), shapes, quantized=True)
     kinds = {b.encoding.kind for b in bindings}
     assert kinds == {"fp16", "int8"}  # the linears and gate quantized, the norm kept fp16
     torch.manual_seed(3)
     real = Block()
     direct = int8(_lower(real, tmp_path / "direct.mlpackage"))
     bound = tmp_path / "bound.mlpackage"
-    write_rebound(int8(first), bindings, floating_params(real), bound)
+    write_rebound(template, bindings, floating_params(real), bound)
     assert (bound / WEIGHTS_FILE).read_bytes() == (direct / WEIGHTS_FILE).read_bytes()
+    # re-quantizing needs no module: the weights read back from the part's bound fp16
+    # package (bindings kept as JSON) quantize to the same bytes
+    lowered_bindings = derive_bindings(first, second, shapes)
+    kept = bindings_from_json(json.loads(json.dumps(bindings_to_json(lowered_bindings))))
+    assert kept == lowered_bindings
+    lowered = tmp_path / "lowered.mlpackage"
+    write_rebound(first, lowered_bindings, floating_params(real), lowered)
+    back = read_bound(lowered, kept, shapes)
+    for value, param in zip(back, floating_params(real), strict=True):
+        assert value.dtype == torch.float16 and torch.equal(value, param.half())
+    again = tmp_path / "again.mlpackage"
+    write_rebound(template, bindings, back, again)
+    assert (again / WEIGHTS_FILE).read_bytes() == (direct / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(RebindError, match="not stored as fp16 or fp32"):
+        read_bound(bound, bindings, shapes)  # int8 only: not read back
     # a part with an all-zero channel has no int8 scale to bind: refused, not guessed
     with torch.no_grad():
         real.up.weight[0].zero_()

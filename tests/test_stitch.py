@@ -19,11 +19,11 @@ from sora_export.core.types import Chunk, ExportRequest, TensorSpec, chained_par
 from sora_export.core.verify.mil_interpreter import MILInterpreter
 
 
-def _run(out: Path, **changes: object) -> engine.RunResult:
+def _run(out: Path, sink: engine.EventSink = engine._ignore, **changes: object) -> engine.RunResult:
     registry = Registry.discover()
     request = ExportRequest(plugins=("stdit", "tdtm"), output=out, targets=("coreml",))
     plan = engine.plan(attrs.evolve(request, **changes), registry)
-    return engine.run(plan, registry)
+    return engine.run(plan, registry, sink)
 
 
 def _inputs(bundle: Path, chunk: str) -> dict[str, np.ndarray]:
@@ -57,11 +57,22 @@ def test_stitched_chunk_equals_the_whole_chunk(tmp_path: Path) -> None:
     sizes = [tree_bytes(tmp_path / d / name) for d in ("whole", "parts")]
     assert sizes[1] < 1.05 * sizes[0]
 
-    # the int8 re-run quantizes the cached parts: nothing is captured or lowered again
-    again = _run(tmp_path / "int8", stitch_min_params=0, cache_dir=tmp_path / "c", quantize="int8")
+    # the int8 re-run quantizes the cached parts: nothing is captured or lowered again, and
+    # no pair is even built: its weights are read back from its lowered package
+    events: list[engine.Event] = []
+    again = _run(
+        tmp_path / "int8",
+        events.append,
+        stitch_min_params=0,
+        cache_dir=tmp_path / "c",
+        quantize="int8",
+    )
     blocks8 = {r.name: r for r in again.results}["blocks-00-03"]
     assert blocks8.ok and blocks8.lowered_cache == "hit"
+    assert blocks8.verification is not None and blocks8.verification.passed
     assert "capture" not in blocks8.timings and "lower" not in blocks8.timings
+    built = [e.detail for e in events if e.kind == "stage" and e.stage == "build"]
+    assert built and not [d for d in built if d.startswith("pair-")]
     weights = "Data/com.apple.CoreML/weights/weight.bin"
     int8_bytes = (tmp_path / "int8" / name / weights).stat().st_size
     assert int8_bytes < 0.6 * (tmp_path / "parts" / name / weights).stat().st_size
