@@ -52,3 +52,46 @@ def test_alias_nodes_are_removed() -> None:
     program = capture(Crop(), (torch.randn(1, 2, 4),))
     targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.alias.default not in targets
+
+
+class _Doubles(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def _toy_chunk(rows: int, out_rows: int) -> Chunk:
+    return Chunk(
+        "toy",
+        0,
+        "double",
+        build=_Doubles,
+        example_inputs=lambda: (torch.ones(rows, 3),),
+        inputs=(TensorSpec("x", (rows, 3)),),
+        outputs=(TensorSpec("y", (out_rows, 3)),),
+        params=3,
+    )
+
+
+def test_dynamic_program_is_checked_at_the_other_shapes() -> None:
+    """Without a reference the other shapes' outputs are checked on fake tensors (shapes
+    only); with one, by running the program and comparing."""
+    from sora_export.core.engine import _check_dynamic
+    from sora_export.core.errors import ExportError
+
+    module = _Doubles().eval()
+    rows = torch.export.Dim("rows", min=2, max=64)
+    program = capture(module, (torch.ones(4, 3),), dynamic_shapes=({0: rows},))
+    inputs = {"a": (torch.ones(4, 3),), "b": (torch.randn(6, 3),)}
+    good = {"a": _toy_chunk(4, 4), "b": _toy_chunk(6, 6)}
+    _check_dynamic(program, good, inputs, ["b"], {}, "main")
+    with pytest.raises(ExportError, match="at b output 'y' has shape \\[6, 3\\], spec says"):
+        _check_dynamic(program, {**good, "b": _toy_chunk(6, 7)}, inputs, ["b"], {}, "main")
+    right = {("main", "b"): {"y": (inputs["b"][0] * 2).numpy()}}
+    _check_dynamic(program, good, inputs, ["b"], right, "main")
+    wrong = {("main", "b"): {"y": (inputs["b"][0] * 3).numpy()}}
+    with pytest.raises(ExportError, match="differs from the module at b"):
+        _check_dynamic(program, good, inputs, ["b"], wrong, "main")
