@@ -2088,7 +2088,10 @@ def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> 
         # be used is left to that task (which quantizes the part itself and notes why)
         with contextlib.suppress(RebindError):
             rebind_part(job, policy)
-    release_memory()
+    if "lower" in timings:
+        # a lowering leaves converter garbage worth handing back to the system; a bind
+        # (most part tasks) does not, and the next one reuses its freed memory
+        release_memory()
     return timings
 
 
