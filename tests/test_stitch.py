@@ -136,6 +136,55 @@ def test_stitch_chains_parts_and_dedups_weights(two_parts, tmp_path: Path) -> No
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_blob_writer_shares_only_equal_blobs(tmp_path: Path) -> None:
+    """Blobs that agree on the sampled pages but not elsewhere are both kept; equal ones
+    (from another file too) are written once; every copy reads back byte for byte."""
+    from sora_export.core.backends import stitch
+
+    rng = np.random.default_rng(0)
+    size = 5 * stitch._PROBE + 100
+    a = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    changed = bytearray(a)
+    changed[size // 4] ^= 0xFF  # off every sampled page
+    b = bytes(changed)
+    small = b"\x01\x02\x03"
+
+    def weights(path: Path, blobs: list[bytes]) -> list[int]:
+        metas = []
+        with open(path, "wb") as fh:
+            fh.write(stitch._HEADER.pack(len(blobs), 2))
+            for blob in blobs:
+                at = fh.tell()
+                at += -at % stitch._ALIGN
+                fh.seek(at)
+                fh.write(
+                    stitch._META.pack(stitch._SENTINEL, 1, len(blob), at + stitch._META.size, 0)
+                )
+                fh.write(blob)
+                metas.append(at)
+        return metas
+
+    first = weights(tmp_path / "one.bin", [a, b, small])
+    second = weights(tmp_path / "two.bin", [small, a])
+    out = tmp_path / "out.bin"
+    with (
+        open(tmp_path / "one.bin", "rb") as one,
+        open(tmp_path / "two.bin", "rb") as two,
+        open(out, "w+b") as fh,
+    ):
+        writer = stitch._BlobWriter(fh)
+        got = [writer.copy_from(one, m) for m in first]
+        got += [writer.copy_from(two, m) for m in second]
+        writer.finish()
+    assert writer.count == 3 and len(set(got)) == 3
+    assert got[3] == got[2] and got[4] == got[0]  # small and a: shared across files
+    records = {r.meta: r for r in stitch.blob_records(out)}
+    data = out.read_bytes()
+    for meta, blob in zip(got, [a, b, small, small, a], strict=True):
+        record = records[meta]
+        assert data[record.offset : record.offset + record.size] == blob
+
+
 @pytest.mark.parametrize(
     ("wiring", "functions", "message"),
     [

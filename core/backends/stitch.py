@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,6 +72,57 @@ def blob_records(path: Path) -> list[BlobRecord]:
     return records
 
 
+# pages sampled for the content probe of a blob: start, middle, end
+_PROBE = 4096
+_COPY_STEP = 64 << 20
+
+
+def _probe(fh: BinaryIO, at: int, size: int) -> bytes:
+    """Digest of up to three pages of the ``size`` bytes at ``at`` (all of a small blob)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for start in sorted({0, max(0, size // 2 - _PROBE // 2), max(0, size - _PROBE)}):
+        fh.seek(at + start)
+        digest.update(fh.read(min(_PROBE, size - start)))
+    return digest.digest()
+
+
+def _same_bytes(a: BinaryIO, at_a: int, b: BinaryIO, at_b: int, size: int) -> bool:
+    b.flush()
+    for done in range(0, size, _COPY_STEP):
+        step = min(_COPY_STEP, size - done)
+        a.seek(at_a + done)
+        b.seek(at_b + done)
+        if a.read(step) != b.read(step):
+            return False
+    return True
+
+
+def _copy_range(src: BinaryIO, at: int, dst: BinaryIO, to: int, size: int) -> None:
+    """Copy ``size`` bytes from ``src`` at ``at`` to ``dst`` at ``to`` (its end), leaving
+    ``dst`` positioned after them: in the kernel where it can (Linux), else by reading."""
+    dst.flush()
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    if copy is not None:
+        try:
+            while done < size:
+                n = copy(src.fileno(), dst.fileno(), size - done, at + done, to + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass  # e.g. across file systems on old kernels: read and write instead
+    while done < size:
+        src.seek(at + done)
+        data = src.read(min(_COPY_STEP, size - done))
+        if not data:
+            raise StitchError(f"weight blob at {at} of {src.name} is truncated")
+        dst.seek(to + done)
+        dst.write(data)
+        done += len(data)
+    dst.seek(to + size)
+
+
 class StitchError(ValueError):
     """The parts cannot be joined (mismatched functions, wiring, unsupported content)."""
 
@@ -88,14 +140,18 @@ def read_spec(package: Path) -> Any:
 class _BlobWriter:
     """Appends blobs copied from other weight files, each distinct blob once.
 
-    Blobs are deduplicated by content (type, size, digest), so functions lowered
-    separately from the same weights (e.g. ``plain`` and ``tdtm``) share their blobs.
+    Blobs are deduplicated by content, so functions lowered separately from the same
+    weights (e.g. ``plain`` and ``tdtm``) share their blobs. Content is first told apart by
+    type, size and a digest of a few sampled pages (:data:`_PROBE`); only blobs that agree
+    on those are read whole and compared. The data itself is copied by the kernel
+    (``os.copy_file_range``) where there is one.
     """
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
         self.count = 0
-        self.by_content: dict[tuple[int, int, bytes], int] = {}
+        # (type, size, probe digest) -> data offsets (in fh) of the blobs written with it
+        self.by_probe: dict[tuple[int, int, bytes], list[tuple[int, int]]] = {}
         self.by_source: dict[tuple[str, int], int] = {}
         fh.write(_HEADER.pack(0, 2))
 
@@ -108,25 +164,28 @@ class _BlobWriter:
         sentinel, dtype, size, data_offset, padding = _META.unpack(src.read(_META.size))
         if sentinel != _SENTINEL:
             raise StitchError(f"no weight blob at offset {offset} of {src.name} (bad sentinel)")
-        src.seek(data_offset)
-        data = src.read(size)  # one tensor at a time (the largest is a few hundred MB)
-        if len(data) != size:
+        src.seek(0, os.SEEK_END)
+        if data_offset + size > src.tell():
             raise StitchError(f"weight blob at {offset} of {src.name} is truncated")
-        content_key = (dtype, size, hashlib.blake2b(data, digest_size=20).digest())
-        meta_at = self.by_content.get(content_key)
-        if meta_at is None:
-            pos = self.fh.tell()
-            pad = -pos % _ALIGN
-            self.fh.write(b"\0" * pad)
-            meta_at = pos + pad
-            self.fh.write(_META.pack(_SENTINEL, dtype, size, meta_at + _META.size, padding))
-            self.fh.write(data)
-            self.count += 1
-            self.by_content[content_key] = meta_at
+        probe_key = (dtype, size, _probe(src, data_offset, size))
+        for meta_at, written_at in self.by_probe.get(probe_key, []):
+            if _same_bytes(src, data_offset, self.fh, written_at, size):
+                self.by_source[source_key] = meta_at
+                return meta_at
+        self.fh.seek(0, os.SEEK_END)
+        pos = self.fh.tell()
+        pad = -pos % _ALIGN
+        meta_at = pos + pad
+        self.fh.write(b"\0" * pad)
+        self.fh.write(_META.pack(_SENTINEL, dtype, size, meta_at + _META.size, padding))
+        _copy_range(src, data_offset, self.fh, meta_at + _META.size, size)
+        self.count += 1
+        self.by_probe.setdefault(probe_key, []).append((meta_at, meta_at + _META.size))
         self.by_source[source_key] = meta_at
         return meta_at
 
     def finish(self) -> None:
+        self.fh.seek(0, os.SEEK_END)
         end = self.fh.tell()
         self.fh.write(b"\0" * (-end % _ALIGN))
         self.fh.seek(0)
@@ -205,7 +264,7 @@ def stitch_packages(
             for pkg in packages
             if (pkg / WEIGHTS_FILE).exists()
         }
-        fh = stack.enter_context(open(dest / WEIGHTS_FILE, "wb"))
+        fh = stack.enter_context(open(dest / WEIGHTS_FILE, "w+b"))
         writer = _BlobWriter(fh)
         for function in functions:
             chain = [
