@@ -1324,9 +1324,11 @@ def _params_from_lowered(job: _PartJob, shapes: list[list[int]]) -> list[torch.T
 def rebind_part(job: _PartJob, policy: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """``job.part``'s packages made by binding its weights into its template's (see
     core/rebind.py): lowered, or with a quantization ``policy`` quantized; cached like a
-    lowering under :func:`lowered_key` / :func:`quantized_key`. Returns the packages by
-    function and the entry's record. Raises :class:`RebindError` when the template
-    cannot be used or the part does not match it."""
+    lowering under :func:`lowered_key` / :func:`quantized_key`. The weights come from the
+    part's module, or, when quantizing a part whose lowered package was itself bound,
+    from that package (:func:`_params_from_lowered`: no module built). Returns the
+    packages by function and the entry's record. Raises :class:`RebindError` when the
+    template cannot be used or the part does not match it."""
     plan, chunk, part, target, precision = (
         job.plan,
         job.chunk,

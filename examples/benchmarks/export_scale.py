@@ -1,13 +1,16 @@
 """Full-scale export benchmark: wall time and whole-process-tree peak RSS, side by side.
 
 Runs ``sora-export`` as a subprocess per configuration (fresh process, cold caches of
-this tool) and samples the resident memory of the process and all its workers every
-0.2 s. Prints a rich table and writes the figures as JSON.
+this tool, the disk synced first) and samples the resident memory of the process and all
+its workers every 0.2 s. Prints a rich table and writes the figures as JSON. With
+``--repeat N`` the case runs N rounds; the table gives medians (and ranges) and the
+speed-up or re-quantization ratio is the median of the rounds' own ratios.
 
     python examples/benchmarks/export_scale.py                      # STDiT3-XL/2: jobs 1 vs 2
     python examples/benchmarks/export_scale.py --case requantize    # cold vs re-quantize
     python examples/benchmarks/export_scale.py --case one-graph     # all blocks in one graph
     python examples/benchmarks/export_scale.py --plugins t5 --quantize int8 --jobs 1
+    python examples/benchmarks/export_scale.py --repeat 3            # medians of 3 rounds
 
 Random weights at --size full; verification off (one fp32 reference forward of the full
 STDiT3 costs minutes on a laptop CPU and is not what these figures are about).
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 def run_export(args: list[str]) -> dict:
     """Run one export; return wall seconds, peak tree RSS and the report's totals."""
     command = [sys.executable, "-m", "sora_export.core.cli", *args]
+    # earlier runs' writes still on their way to disk would slow this run's writes
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with TreePeakSampler(root=proc.pid) as sampler:
@@ -76,6 +83,42 @@ def one_graph_profile(folder: Path) -> Path:
     return path
 
 
+def one_round(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Run the chosen case once in ``tmp``; one row per export."""
+    rows = []
+    base = ["--plugins", args.plugins, "--size", args.size, "--no-verify"]
+    base += ["--shapes", args.shapes]
+    if args.max_memory:
+        base += ["--max-memory", args.max_memory]
+    if args.case == "jobs":
+        for jobs in args.jobs:
+            out = tmp / f"jobs{jobs}"
+            cold = ["--cache-dir", str(tmp / f"cache{jobs}")]  # each run starts cold
+            policy = ["--quantize", args.quantize, "--jobs", str(jobs)]
+            rows.append(run_export([*base, *cold, *policy, "-o", str(out)]))
+    elif args.case == "requantize":
+        # cold fp16 export, then the same chunks at int8 into another bundle: the second
+        # run finds every lowered model in the cache and only quantizes and saves
+        cache = ["--cache-dir", str(tmp / "cache"), "--jobs", "1"]
+        rows.append(run_export([*base, *cache, "--quantize", "fp16", "-o", f"{tmp}/fp16"]))
+        rows.append(run_export([*base, *cache, "--quantize", "int8", "-o", f"{tmp}/int8"]))
+    else:
+        profile = one_graph_profile(tmp)
+        out = tmp / "one"
+        policy = ["--quantize", args.quantize, "--profile", str(profile)]
+        naive = ["--no-cache", "--whole-chunks", "--jobs", "1"]
+        rows.append(run_export([*base, *naive, *policy, "-o", str(out)]))
+    return rows
+
+
+def _spread(values: list[float], unit: str, digits: int = 1) -> str:
+    """Median, and the range when there is more than one value."""
+    text = f"{statistics.median(values):.{digits}f}{unit}"
+    if len(values) > 1:
+        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--case", choices=("jobs", "requantize", "one-graph"), default="jobs")
@@ -87,57 +130,50 @@ def main() -> None:
     p.add_argument(
         "--shapes", default="all", help="passed to sora-export (all: every profile shape)"
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the case (interleaved); medians, ranges and per-round ratios",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="sora-bench-") as tmp:
-        base = ["--plugins", args.plugins, "--size", args.size, "--no-verify"]
-        base += ["--shapes", args.shapes]
-        if args.max_memory:
-            base += ["--max-memory", args.max_memory]
-        if args.case == "jobs":
-            for jobs in args.jobs:
-                out = Path(tmp) / f"jobs{jobs}"
-                cold = ["--cache-dir", str(Path(tmp) / f"cache{jobs}")]  # each run starts cold
-                policy = ["--quantize", args.quantize, "--jobs", str(jobs)]
-                rows.append(run_export([*base, *cold, *policy, "-o", str(out)]))
-        elif args.case == "requantize":
-            # cold fp16 export, then the same chunks at int8 into another bundle: the second
-            # run finds every lowered model in the cache and only quantizes and saves
-            cache = ["--cache-dir", str(Path(tmp) / "cache"), "--jobs", "1"]
-            rows.append(run_export([*base, *cache, "--quantize", "fp16", "-o", f"{tmp}/fp16"]))
-            rows.append(run_export([*base, *cache, "--quantize", "int8", "-o", f"{tmp}/int8"]))
-        else:
-            profile = one_graph_profile(Path(tmp))
-            out = Path(tmp) / "one"
-            policy = ["--quantize", args.quantize, "--profile", str(profile)]
-            naive = ["--no-cache", "--whole-chunks", "--jobs", "1"]
-            rows.append(run_export([*base, *naive, *policy, "-o", str(out)]))
-    table = Table(title=f"sora-export at scale ({args.case})", header_style="bold")
+    rounds = []
+    for _ in range(max(1, args.repeat)):
+        with tempfile.TemporaryDirectory(prefix="sora-bench-") as tmp:
+            rounds.append(one_round(args, Path(tmp)))
+    title = f"sora-export at scale ({args.case}, {len(rounds)} round(s))"
+    table = Table(title=title, header_style="bold")
     for col in ("command", "jobs", "wall s", "peak RSS (tree)", "bundle", "chunks", "from cache"):
         table.add_column(col)
-    for r in rows:
+    for i, r in enumerate(rounds[0]):
+        runs = [rows[i] for rows in rounds]
         table.add_row(
             r["label"],
             str(r["jobs"]),
-            f"{r['wall_seconds']:.1f}",
-            f"{r['peak_tree_rss_bytes'] / 1e9:.2f} GB",
+            _spread([x["wall_seconds"] for x in runs], ""),
+            _spread([x["peak_tree_rss_bytes"] / 1e9 for x in runs], " GB", 2),
             f"{r['bundle_bytes'] / 1e9:.2f} GB",
             str(r["chunks"]),
             str(r["lowered_from_cache"]),
         )
     console.print(table)
-    if len(rows) == 2 and args.case == "jobs":
+    # ratios within each round (runs of one round are minutes apart: the machine's
+    # slower and faster spells cancel better than across rounds)
+    pairs = len(rounds[0]) == 2
+    ratios = [rows[0]["wall_seconds"] / rows[1]["wall_seconds"] for rows in rounds] if pairs else []
+    if pairs and args.case == "jobs":
+        each = ", ".join(f"{x:.2f}" for x in ratios)
         console.print(
             f"speed-up jobs {args.jobs[1]} vs {args.jobs[0]}: "
-            f"{rows[0]['wall_seconds'] / rows[1]['wall_seconds']:.2f}x"
+            f"{statistics.median(ratios):.2f}x (rounds: {each})"
         )
-    if args.case == "requantize":
-        console.print(
-            f"re-quantize / cold: {rows[1]['wall_seconds'] / rows[0]['wall_seconds']:.2f}"
-        )
+    if pairs and args.case == "requantize":
+        each = ", ".join(f"{1 / x:.2f}" for x in ratios)
+        median = statistics.median(1 / x for x in ratios)
+        console.print(f"re-quantize / cold: {median:.2f} (rounds: {each})")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rounds, indent=2))
 
 
 if __name__ == "__main__":
