@@ -33,7 +33,8 @@ from rich.table import Table
 
 from sora_export.core.memory import TreePeakSampler
 
-console = Console()
+# piped output (logs, files) gets a width that fits the table, not 80 columns
+console = Console(highlight=False, width=None if Console().is_terminal else 160)
 REPO = Path(__file__).resolve().parents[2]
 
 
