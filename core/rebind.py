@@ -37,7 +37,9 @@ quantizer byte for byte is bound.
 The weight file layout is the MIL blob storage of Core ML packages
 (:func:`sora_export.core.backends.stitch.blob_records`). Rebinding never loads a model:
 it copies the template package and overwrites the parameters' blob data in place, so a
-part costs building its module and writing its weights.
+part costs building its module and writing its weights. Re-quantizing a part whose lowered
+package was bound does not even build the module: :func:`read_bound` reads its weights
+back from that package.
 """
 
 from __future__ import annotations
@@ -388,6 +390,8 @@ def read_bound(
             binding = found[index]
             if binding.inline is not None:
                 slots = slots if slots is not None else _inline_slots(read_spec(package))
+                if binding.inline not in slots:
+                    raise RebindError(f"{package.name} has no inline value {binding.inline}")
                 raw = _inline_raw(slots[binding.inline]) or b""
             else:
                 if weights is None:
