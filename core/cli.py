@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 
@@ -214,9 +215,37 @@ def _list_profiles(registry) -> None:
 
 
 def run_export(argv: Sequence[str]) -> int:
-    from sora_export.core.registry import Registry
 
     args = export_parser().parse_args(argv)
+    workers = _early_workers(args)
+    try:
+        return _export(args, workers)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+def _early_workers(args: argparse.Namespace) -> Any:
+    """Worker processes started before the plugins are discovered and the plan is made,
+    when the run will be parallel: ``--jobs N`` (N > 1), or ``auto`` for full-size models
+    (real or ``--size full``) on more than one core; tiny plans run in one process. Their
+    start-up (seconds of imports) then overlaps ours. The engine uses them if the plan
+    wants as many; the caller closes them."""
+    if args.list_plugins or args.list_profiles or not args.plugins or args.jobs == 1:
+        return None
+    from sora_export.core import engine
+
+    if args.jobs is None and args.size != "full" and not args.weights:
+        return None
+    workers = args.jobs or engine.available_cores()
+    if workers < 2:
+        return None
+    return engine.start_workers(workers, args.plugin_module)
+
+
+def _export(args: argparse.Namespace, workers: Any) -> int:
+    from sora_export.core.registry import Registry
+
     registry = Registry.discover(args.plugin_module)
     if args.list_plugins:
         _list_plugins(registry)
@@ -261,7 +290,7 @@ def run_export(argv: Sequence[str]) -> int:
     console.print(plan_panel(the_plan))
     try:
         with live_progress(the_plan) as sink:
-            result = engine.run(the_plan, registry, sink)
+            result = engine.run(the_plan, registry, sink, workers)
     except engine.ExportFailed as failed:
         print_report(failed.result)
         raise

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -1946,8 +1946,16 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunResult:
+def run(
+    plan: ExportPlan,
+    registry: Registry,
+    sink: EventSink = _ignore,
+    workers: WorkerPool | None = None,
+) -> RunResult:
     """Export every chunk into the staging directory, then package and publish the bundle.
+
+    ``workers``: processes started ahead (:func:`start_workers`), used when the plan runs
+    that many in parallel; the caller closes them either way.
 
     Raises :class:`ExportError` when a chunk failed (the staging directory keeps finished
     chunks for ``--resume``). KeyboardInterrupt/SIGTERM propagate after the partial chunk's
@@ -1972,7 +1980,7 @@ def run(plan: ExportPlan, registry: Registry, sink: EventSink = _ignore) -> RunR
             sink(Event("chunk-done", chunk.key, detail="cached", result=r))
     with _sigterm_as_exception(), TreePeakSampler() as sampler:
         if plan.jobs > 1 and len(pending) > 1:
-            finished = _run_parallel(plan, registry, pending, stage, plan.jobs, sink)
+            finished = _run_parallel(plan, registry, pending, stage, plan.jobs, sink, workers)
         else:
             finished = _run_serial(plan, registry, active, pending, stage, sink)
         for chunk, chunk_results in finished:
@@ -2059,6 +2067,42 @@ def _worker_init(extra_modules: tuple[str, ...]) -> None:
     _WORKER_REGISTRY = Registry.discover(extra_modules)
 
 
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+@attrs.define
+class WorkerPool:
+    """Worker processes started before the plan is made (:func:`start_workers`), so that
+    their start-up (importing torch and coremltools, discovering plugins: seconds) runs
+    while the parent plans. :func:`run` takes them when the plan wants as many."""
+
+    executor: Any
+    workers: int
+    extra_modules: tuple[str, ...]
+
+    def close(self) -> None:
+        """Stop the workers (a no-op once :func:`run` has used and closed them)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def start_workers(workers: int, extra_modules: Sequence[str] = ()) -> WorkerPool:
+    """Start ``workers`` worker processes now (spawned; each runs :func:`_worker_init`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    extra = tuple(extra_modules)
+    executor = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(extra,),
+    )
+    for _ in range(workers):  # each submit starts one more process while none is idle
+        executor.submit(_worker_ready)
+    return WorkerPool(executor, workers, extra)
+
+
 def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResult]:
     assert _WORKER_REGISTRY is not None
     chunk = plan.chunks[index]
@@ -2128,8 +2172,10 @@ def _run_parallel(
     stage: Path,
     jobs: int,
     sink: EventSink,
+    warm: WorkerPool | None = None,
 ) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
-    """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix).
+    """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix):
+    ``warm``'s, already started, when it has that many for the same plugins.
 
     The parts of chunks converted part by part are lowered first, each as its own task, so
     the workers share even a plan of few big chunks; a chunk's own task (quantize, stitch,
@@ -2157,12 +2203,22 @@ def _run_parallel(
     ctx = multiprocessing.get_context("spawn")
     while todo:
         broken: list[Chunk] = []
-        with ProcessPoolExecutor(
-            max_workers=min(jobs, len(todo)),
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(registry.extra_modules,),
-        ) as pool:
+        workers = min(jobs, len(todo))
+        if (
+            warm is not None
+            and warm.workers == workers
+            and warm.extra_modules == tuple(registry.extra_modules)
+        ):
+            executor = warm.executor  # first attempt only: a broken pool is not reused
+        else:
+            executor = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(registry.extra_modules,),
+            )
+        warm = None
+        with executor as pool:
             futures: dict[Any, tuple[str, Chunk]] = {}
             waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
             part_timings: dict[str, dict[str, float]] = {}

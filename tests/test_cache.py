@@ -202,3 +202,39 @@ def test_auto_jobs_counts_parts(tmp_path: Path) -> None:
     # converted whole (ONNX too), the two 1.3 GB chunks would need ~7 GB each
     whole = _plan(tmp_path, size="full", host_memory_bytes=6 * 10**9, targets=("coreml", "onnx"))
     assert whole.jobs == 1 and "memory" in whole.jobs_reason
+
+
+def test_workers_started_ahead_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI starts workers before planning (their imports overlap its own); a plan
+    wanting as many runs in them, not in a pool started afterwards."""
+    import concurrent.futures
+
+    registry = Registry.discover()
+    request = ExportRequest(
+        plugins=("stdit",), output=tmp_path / "o", targets=("coreml",), jobs=2, verify=False
+    )
+    plan = engine.plan(request, registry)
+    workers = engine.start_workers(2)
+
+    def no_new_pool(*_: object, **__: object) -> None:
+        raise AssertionError("a second pool was started")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_new_pool)
+    try:
+        result = engine.run(plan, registry, workers=workers)
+    finally:
+        workers.close()
+    assert result.ok and len(result.results) == 3
+
+
+def test_cli_starts_workers_only_for_parallel_runs() -> None:
+    from sora_export.core.cli import _early_workers, export_parser
+
+    def early(*argv: str) -> engine.WorkerPool | None:
+        return _early_workers(export_parser().parse_args(["--plugins", "stdit", *argv]))
+
+    assert early() is None  # tiny models: one process
+    assert early("--jobs", "1", "--size", "full") is None
+    pool = early("--jobs", "2")
+    assert pool is not None and pool.workers == 2
+    pool.close()
