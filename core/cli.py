@@ -12,13 +12,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
 from sora_export.core.errors import SoraExportError, UsageError
 from sora_export.core.shapes import parse_shapes_option
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest, default_shapes
+
+if TYPE_CHECKING:
+    from sora_export.core.engine import WorkerPool
 
 SUBCOMMANDS = ("verify", "inspect")
 
@@ -215,7 +218,6 @@ def _list_profiles(registry) -> None:
 
 
 def run_export(argv: Sequence[str]) -> int:
-
     args = export_parser().parse_args(argv)
     workers = _early_workers(args)
     try:
@@ -225,7 +227,7 @@ def run_export(argv: Sequence[str]) -> int:
             workers.close()
 
 
-def _early_workers(args: argparse.Namespace) -> Any:
+def _early_workers(args: argparse.Namespace) -> WorkerPool | None:
     """Worker processes started before the plugins are discovered and the plan is made,
     when the run will be parallel: ``--jobs N`` (N > 1), or ``auto`` for full-size models
     (real or ``--size full``) on more than one core; tiny plans run in one process. Their
@@ -243,7 +245,7 @@ def _early_workers(args: argparse.Namespace) -> Any:
     return engine.start_workers(workers, args.plugin_module)
 
 
-def _export(args: argparse.Namespace, workers: Any) -> int:
+def _export(args: argparse.Namespace, workers: WorkerPool | None) -> int:
     from sora_export.core.registry import Registry
 
     registry = Registry.discover(args.plugin_module)
