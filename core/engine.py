@@ -554,13 +554,19 @@ def _max_activation(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -
     return out, peak[0]
 
 
-def _outputs_dict(chunk: Chunk, out: Any) -> dict[str, np.ndarray]:
-    outs = out if isinstance(out, tuple | list) else (out,)
+def _output_tuple(chunk: Chunk, out: Any, source: str = "module") -> tuple[Any, ...]:
+    """A forward's outputs as a tuple, as many as ``chunk`` declares."""
+    outs = tuple(out) if isinstance(out, tuple | list) else (out,)
     if len(outs) != len(chunk.outputs):
         raise ExportError(
-            f"{chunk.key}: module returned {len(outs)} outputs, chunk declares "
+            f"{chunk.key}: {source} returned {len(outs)} outputs, chunk declares "
             f"{len(chunk.outputs)} ({', '.join(s.name for s in chunk.outputs)})"
         )
+    return outs
+
+
+def _outputs_dict(chunk: Chunk, out: Any) -> dict[str, np.ndarray]:
+    outs = _output_tuple(chunk, out)
     return {s.name: o.detach().float().numpy() for s, o in zip(chunk.outputs, outs, strict=True)}
 
 
@@ -911,13 +917,7 @@ def _fake_output_shapes(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        out = runner(*(mode.from_tensor(t) for t in inputs))
-    outs = out if isinstance(out, tuple | list) else (out,)
-    if len(outs) != len(chunk.outputs):
-        raise ExportError(
-            f"{chunk.key}: program returned {len(outs)} outputs, chunk declares "
-            f"{len(chunk.outputs)}"
-        )
+        outs = _output_tuple(chunk, runner(*(mode.from_tensor(t) for t in inputs)), "program")
     return {s.name: tuple(o.shape) for s, o in zip(chunk.outputs, outs, strict=True)}
 
 
