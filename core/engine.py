@@ -1281,20 +1281,32 @@ def _template_bindings(
     quantized: bool,
 ) -> dict[str, list[Binding]]:
     """The bindings of the marker lowerings cached under ``keys`` by function: derived
-    once (:func:`derive_bindings`, seconds of hashing) and kept in the cache beside them."""
+    once (:func:`derive_bindings`, seconds of hashing) and kept in the cache beside them.
+    Workers wanting them at once wait for the one deriving them (cache lock)."""
     key = make_key({"bindings-of": keys, "v": 1})
-    found = cache.files(key, ".json")
-    if found is not None:
+
+    def kept() -> dict[str, list[Binding]] | None:
+        found = cache.files(key, ".json")
+        if found is None:
+            return None
         try:
             return {f: bindings_from_json(json.loads(p.read_text())) for f, p in found[0].items()}
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # derived again below, and rewritten
-    bindings = {f: derive_bindings(first[f], second[f], shapes, quantized) for f in first}
-    writers = {
-        f: lambda path, b=b: path.write_text(json.dumps(bindings_to_json(b)))
-        for f, b in bindings.items()
-    }
-    cache.put_with(key, ".json", writers, {"bindings_of": keys})
+            return None  # derived again, and rewritten
+
+    bindings = kept()
+    if bindings is not None:
+        return bindings
+    with cache.lock(key):
+        bindings = kept()
+        if bindings is not None:
+            return bindings
+        bindings = {f: derive_bindings(first[f], second[f], shapes, quantized) for f in first}
+        writers = {
+            f: lambda path, b=b: path.write_text(json.dumps(bindings_to_json(b)))
+            for f, b in bindings.items()
+        }
+        cache.put_with(key, ".json", writers, {"bindings_of": keys})
     return bindings
 
 
