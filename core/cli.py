@@ -8,6 +8,7 @@ export or verification failed, 2 usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from sora_export.core.shapes import parse_shapes_option
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest, default_shapes
 
 if TYPE_CHECKING:
-    from sora_export.core.engine import WorkerPool
+    from sora_export.core.workers import WorkerPool
 
 SUBCOMMANDS = ("verify", "inspect")
 
@@ -232,17 +233,18 @@ def _early_workers(args: argparse.Namespace) -> WorkerPool | None:
     when the run will be parallel: ``--jobs N`` (N > 1), or ``auto`` for full-size models
     (real or ``--size full``) on more than one core; tiny plans run in one process. Their
     start-up (seconds of imports) then overlaps ours. The engine uses them if the plan
-    wants as many; the caller closes them."""
+    wants as many; the caller closes them. Started before this process imports torch
+    (:mod:`sora_export.core.workers` does not), so the imports run side by side."""
     if args.list_plugins or args.list_profiles or not args.plugins or args.jobs == 1:
         return None
-    from sora_export.core import engine
+    from sora_export.core.workers import available_cores, start_workers
 
     if args.jobs is None and args.size != "full" and not args.weights:
         return None
-    workers = args.jobs or engine.available_cores()
+    workers = args.jobs or available_cores()
     if workers < 2:
         return None
-    return engine.start_workers(workers, args.plugin_module)
+    return start_workers(workers, args.plugin_module)
 
 
 def _export(args: argparse.Namespace, workers: WorkerPool | None) -> int:
@@ -326,5 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``sora-export`` command: :func:`main`, then exit without tearing down the
+    interpreter. Everything is written and flushed by then (worker processes joined,
+    bundle published, report printed); freeing torch's and coremltools' modules object by
+    object would only keep the shell waiting another second or two."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ from sora_export.core.types import (
     bytes_per_param,
 )
 from sora_export.core.verify.metrics import compare
+from sora_export.core.workers import WorkerPool, available_cores, new_executor
 
 FP16_MAX = 65504.0
 # An fp16 lowering is refused up front when a reference activation exceeds this share of the
@@ -336,13 +337,6 @@ def host_memory_bytes() -> int:
         return int(pages * page * 0.75)
     except (ValueError, OSError, AttributeError):
         return 8 * 1024**3
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def export_peak_bytes(params: int) -> int:
@@ -2069,50 +2063,15 @@ def _run_serial(
 _WORKER_REGISTRY: Registry | None = None
 
 
-def _worker_init(extra_modules: tuple[str, ...]) -> None:
-    """Worker start-up: discover the same plugins as the parent; quiet warnings."""
+def worker_setup(extra_modules: tuple[str, ...]) -> None:
+    """A worker process's start-up (:func:`sora_export.core.workers.init_worker`): discover
+    the same plugins as the parent; quiet warnings."""
     import warnings
 
     global _WORKER_REGISTRY
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # N workers share the cores; no oversubscription
     _WORKER_REGISTRY = Registry.discover(extra_modules)
-
-
-def _worker_ready() -> int:
-    return os.getpid()
-
-
-@attrs.define
-class WorkerPool:
-    """Worker processes started before the plan is made (:func:`start_workers`), so that
-    their start-up (importing torch and coremltools, discovering plugins: seconds) runs
-    while the parent plans. :func:`run` takes them when the plan wants as many."""
-
-    executor: Any
-    workers: int
-    extra_modules: tuple[str, ...]
-
-    def close(self) -> None:
-        """Stop the workers (a no-op once :func:`run` has used and closed them)."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def start_workers(workers: int, extra_modules: Sequence[str] = ()) -> WorkerPool:
-    """Start ``workers`` worker processes now (spawned; each runs :func:`_worker_init`)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    extra = tuple(extra_modules)
-    executor = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init,
-        initargs=(extra,),
-    )
-    for _ in range(workers):  # each submit starts one more process while none is idle
-        executor.submit(_worker_ready)
-    return WorkerPool(executor, workers, extra)
 
 
 def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResult]:
@@ -2196,8 +2155,7 @@ def _run_parallel(
     lowered are found in the cache), so only a chunk that kills its worker twice fails,
     with an error saying so.
     """
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
     index_of = {c.key: i for i, c in enumerate(plan.chunks)}
@@ -2212,7 +2170,6 @@ def _run_parallel(
         ) from exc
     attempts = dict.fromkeys((c.key for c in chunks), 0)
     todo = list(chunks)
-    ctx = multiprocessing.get_context("spawn")
     while todo:
         broken: list[Chunk] = []
         workers = min(jobs, len(todo))
@@ -2223,12 +2180,7 @@ def _run_parallel(
         ):
             executor = warm.executor  # first attempt only: a broken pool is not reused
         else:
-            executor = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=ctx,
-                initializer=_worker_init,
-                initargs=(registry.extra_modules,),
-            )
+            executor = new_executor(workers, registry.extra_modules)
         warm = None
         with executor as pool:
             futures: dict[Any, tuple[str, Chunk]] = {}

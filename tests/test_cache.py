@@ -16,6 +16,7 @@ from sora_export.core.cache import LoweredCache
 from sora_export.core.cli import _size_arg, main
 from sora_export.core.registry import Registry
 from sora_export.core.types import Chunk, ExportRequest
+from sora_export.core.workers import WorkerPool, start_workers
 
 
 def _export(out: Path, *extra: str) -> dict:
@@ -214,7 +215,7 @@ def test_workers_started_ahead_are_used(tmp_path: Path, monkeypatch: pytest.Monk
         plugins=("stdit",), output=tmp_path / "o", targets=("coreml",), jobs=2, verify=False
     )
     plan = engine.plan(request, registry)
-    workers = engine.start_workers(2)
+    workers = start_workers(2)
 
     def no_new_pool(*_: object, **__: object) -> None:
         raise AssertionError("a second pool was started")
@@ -227,10 +228,26 @@ def test_workers_started_ahead_are_used(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.ok and len(result.results) == 3
 
 
+def test_cli_starts_workers_before_importing_torch() -> None:
+    """The CLI and the worker pool import no torch, so the workers' imports of it start
+    before the parent's (they run side by side instead of one after the other)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from sora_export.core import cli, workers; "
+        "print(sorted(m for m in ('torch', 'coremltools', 'sora_export.core.engine') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_cli_starts_workers_only_for_parallel_runs() -> None:
     from sora_export.core.cli import _early_workers, export_parser
 
-    def early(*argv: str) -> engine.WorkerPool | None:
+    def early(*argv: str) -> WorkerPool | None:
         return _early_workers(export_parser().parse_args(["--plugins", "stdit", *argv]))
 
     assert early() is None  # tiny models: one process

@@ -1,0 +1,91 @@
+"""Worker processes for parallel export (``--jobs N``), startable before torch is imported.
+
+This module imports neither torch nor the engine: the CLI starts the workers
+(:func:`start_workers`) before it imports them itself, so the seconds each process spends
+importing torch and coremltools and discovering plugins run side by side instead of one
+after the other. Each worker then imports the engine in :func:`init_worker`.
+
+A worker that has sent its last result has nothing left to do but tear down its
+interpreter (freeing torch's and coremltools' modules: over a second, while the parent
+waits for it in ``shutdown``), so a worker's last exit step is ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _exit_now() -> None:
+    """Registered last (atexit runs it first): by then multiprocessing has flushed the
+    result queue and joined its threads, so only the interpreter's teardown is skipped."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def init_worker(extra_modules: tuple[str, ...]) -> None:
+    """A worker's start-up: the engine's (plugins discovered, one torch thread), then the
+    quick exit."""
+    from sora_export.core import engine
+
+    engine.worker_setup(extra_modules)
+    atexit.register(_exit_now)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def new_executor(workers: int, extra_modules: Sequence[str] = ()) -> Any:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (torch and fork do not
+    mix), each started by :func:`init_worker`. Processes start on the first submits."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(tuple(extra_modules),),
+    )
+
+
+@attrs.define
+class WorkerPool:
+    """Worker processes started before the plan is made (:func:`start_workers`), so that
+    their start-up (importing torch and coremltools, discovering plugins: seconds) runs
+    while the parent plans. The engine's ``run`` takes them when the plan wants as many."""
+
+    executor: Any
+    workers: int
+    extra_modules: tuple[str, ...]
+
+    def close(self) -> None:
+        """Stop the workers and wait for them (a no-op once ``run`` has used and closed
+        them): a worker exits at once when told to (:func:`init_worker`)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def start_workers(workers: int, extra_modules: Sequence[str] = ()) -> WorkerPool:
+    """Start ``workers`` worker processes now."""
+    extra = tuple(extra_modules)
+    executor = new_executor(workers, extra)
+    for _ in range(workers):  # each submit starts one more process while none is idle
+        executor.submit(_ready)
+    return WorkerPool(executor, workers, extra)
