@@ -8,7 +8,6 @@ export or verification failed, 2 usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
+from sora_export.core import quick_exit
 from sora_export.core.errors import SoraExportError, UsageError
 from sora_export.core.shapes import parse_shapes_option
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest, default_shapes
@@ -329,14 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``sora-export`` command: :func:`main`, then exit without tearing down the
-    interpreter. Everything is written and flushed by then (worker processes joined,
-    bundle published, report printed); freeing torch's and coremltools' modules object by
-    object would only keep the shell waiting another second or two."""
+    """The ``sora-export`` command: :func:`main`, ending the process without tearing down
+    the interpreter once everything is written, printed and cleaned up
+    (:mod:`sora_export.core.quick_exit`)."""
+    quick_exit.arm()
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    quick_exit.set_code(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,19 @@ after the other. Each worker then imports the engine in :func:`init_worker`.
 
 A worker that has sent its last result has nothing left to do but tear down its
 interpreter (freeing torch's and coremltools' modules: over a second, while the parent
-waits for it in ``shutdown``), so a worker's last exit step is ``os._exit``.
+waits for it in ``shutdown``), so a worker skips that (:mod:`sora_export.core.quick_exit`).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import multiprocessing
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
+
+from sora_export.core import quick_exit
 
 
 def available_cores() -> int:
@@ -31,22 +30,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _exit_now() -> None:
-    """Registered last (atexit runs it first): by then multiprocessing has flushed the
-    result queue and joined its threads, so only the interpreter's teardown is skipped."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
-
-
 def init_worker(extra_modules: tuple[str, ...]) -> None:
-    """A worker's start-up: the engine's (plugins discovered, one torch thread), then the
-    quick exit."""
+    """A worker's start-up: the quick exit armed before anything registers its own exit
+    handlers, then the engine's set-up (plugins discovered, one torch thread)."""
+    quick_exit.arm(0)
     from sora_export.core import engine
 
     engine.worker_setup(extra_modules)
-    atexit.register(_exit_now)
 
 
 def _ready() -> int:
