@@ -331,8 +331,15 @@ def _coreml_passes(
     return (per_tensor,)
 
 
-def quantize_coreml(model: Any, policy: str, options: QuantizationOptions) -> Any:
+def quantize_coreml(
+    model: Any, policy: str, options: QuantizationOptions, *, direct: bool = True
+) -> Any:
     """Compress the weights of an ML Program ``MLModel`` under ``policy``; returns a new model.
+
+    ``int8`` is written straight into a new package where it can be
+    (:mod:`sora_export.core.backends.mil_int8`: the same weights as coremltools' quantizer,
+    in a fraction of the time); ``direct=False``, or a model that writer does not handle,
+    goes through coremltools.
 
     Tensors the skip rules keep (module docstring) are left as they are. A tensor the
     primary layout cannot take (e.g. input channels not divisible by the int4 block) gets
@@ -354,6 +361,10 @@ def quantize_coreml(model: Any, policy: str, options: QuantizationOptions) -> An
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError("only ML Program models can be quantized (convert with an iOS15+ target)")
+    if policy == "int8" and direct:
+        quantized = _int8_direct(model, options)
+        if quantized is not None:
+            return quantized
     tensors = _float_consts(spec)
     skipped = {t.name for t in tensors if _skip_reason(t, options) is not None}
     # a const read only by a block output cannot be compressed (coremltools refuses it)
@@ -389,6 +400,31 @@ def quantize_coreml(model: Any, policy: str, options: QuantizationOptions) -> An
             ", ".join(sorted(pending)[:5]) + (" ..." if len(pending) > 5 else ""),
         )
     return model
+
+
+def _int8_direct(model: Any, options: QuantizationOptions) -> Any | None:
+    """``int8`` by :func:`~sora_export.core.backends.mil_int8.quantize_model_int8` with
+    this plugin's skip rules; None when that writer does not handle the model."""
+    from sora_export.core.backends.mil_int8 import Unsupported, quantize_model_int8
+
+    def keep(weight: Any) -> bool:
+        tensor = _ConstTensor(weight.name, weight.shape, weight.consumers)
+        return _skip_reason(tensor, options) is not None
+
+    try:
+        quantized, result = quantize_model_int8(model, keep)
+    except Unsupported as exc:
+        log.debug("int8: written by coremltools (%s)", exc)
+        return None
+    log.debug("int8: %d tensor(s) stored as int8 per channel", len(result.quantized))
+    if result.left:
+        left = sorted(result.left)
+        log.info(
+            "int8: %d tensor(s) kept at the lowered precision (no layout fits): %s",
+            len(left),
+            ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""),
+        )
+    return quantized
 
 
 def kmeans_palette(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:

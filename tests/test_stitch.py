@@ -172,7 +172,7 @@ def test_blob_writer_shares_only_equal_blobs(tmp_path: Path) -> None:
         open(tmp_path / "two.bin", "rb") as two,
         open(out, "w+b") as fh,
     ):
-        writer = stitch._BlobWriter(fh)
+        writer = stitch.BlobWriter(fh)
         got = [writer.copy_from(one, m) for m in first]
         got += [writer.copy_from(two, m) for m in second]
         writer.finish()

@@ -77,12 +77,24 @@ _PROBE = 4096
 _COPY_STEP = 64 << 20
 
 
+def _probe_starts(size: int) -> list[int]:
+    return sorted({0, max(0, size // 2 - _PROBE // 2), max(0, size - _PROBE)})
+
+
 def _probe(fh: BinaryIO, at: int, size: int) -> bytes:
     """Digest of up to three pages of the ``size`` bytes at ``at`` (all of a small blob)."""
     digest = hashlib.blake2b(digest_size=20)
-    for start in sorted({0, max(0, size // 2 - _PROBE // 2), max(0, size - _PROBE)}):
+    for start in _probe_starts(size):
         fh.seek(at + start)
         digest.update(fh.read(min(_PROBE, size - start)))
+    return digest.digest()
+
+
+def _probe_bytes(data: bytes | memoryview) -> bytes:
+    """:func:`_probe` of blob data held in memory."""
+    digest = hashlib.blake2b(digest_size=20)
+    for start in _probe_starts(len(data)):
+        digest.update(data[start : start + _PROBE])
     return digest.digest()
 
 
@@ -137,18 +149,33 @@ def read_spec(package: Path) -> Any:
     return spec
 
 
-class _BlobWriter:
-    """Appends blobs copied from other weight files, each distinct blob once.
+def read_blob(src: BinaryIO, offset: int) -> tuple[int, bytes]:
+    """The (MIL data type, data) of the blob whose metadata is at ``offset`` of ``src``."""
+    src.seek(offset)
+    sentinel, dtype, size, data_offset, _padding = _META.unpack(src.read(_META.size))
+    if sentinel != _SENTINEL:
+        raise StitchError(f"no weight blob at offset {offset} of {src.name} (bad sentinel)")
+    src.seek(data_offset)
+    data = src.read(size)
+    if len(data) != size:
+        raise StitchError(f"weight blob at {offset} of {src.name} is truncated")
+    return dtype, data
+
+
+class BlobWriter:
+    """Appends blobs copied from other weight files (or given), each distinct blob once.
 
     Blobs are deduplicated by content, so functions lowered separately from the same
-    weights (e.g. ``plain`` and ``tdtm``) share their blobs. Content is first told apart by
+    weights (e.g. ``plain`` and ``tdtm``) share their blobs (``dedup=False``: one blob per
+    source blob, as rewriting one package wants). Content is first told apart by
     type, size and a digest of a few sampled pages (:data:`_PROBE`); only blobs that agree
     on those are read whole and compared. The data itself is copied by the kernel
     (``os.copy_file_range``) where there is one.
     """
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: BinaryIO, dedup: bool = True) -> None:
         self.fh = fh
+        self.dedup = dedup  # False: one blob per source blob, equal contents or not
         self.count = 0
         # (type, size, probe digest) -> data offsets (in fh) of the blobs written with it
         self.by_probe: dict[tuple[int, int, bytes], list[tuple[int, int]]] = {}
@@ -167,21 +194,41 @@ class _BlobWriter:
         src.seek(0, os.SEEK_END)
         if data_offset + size > src.tell():
             raise StitchError(f"weight blob at {offset} of {src.name} is truncated")
-        probe_key = (dtype, size, _probe(src, data_offset, size))
-        for meta_at, written_at in self.by_probe.get(probe_key, []):
+        probe_key = (dtype, size, _probe(src, data_offset, size) if self.dedup else b"")
+        for meta_at, written_at in self.by_probe.get(probe_key, []) if self.dedup else ():
             if _same_bytes(src, data_offset, self.fh, written_at, size):
                 self.by_source[source_key] = meta_at
                 return meta_at
+        meta_at = self._meta(dtype, size, padding)
+        _copy_range(src, data_offset, self.fh, meta_at + _META.size, size)
+        self.count += 1
+        self.by_probe.setdefault(probe_key, []).append((meta_at, meta_at + _META.size))
+        self.by_source[source_key] = meta_at
+        return meta_at
+
+    def add(self, dtype: int, data: bytes) -> int:
+        """Append a blob of MIL type ``dtype`` holding ``data`` (unless an equal one is
+        already written); return its metadata offset."""
+        probe_key = (dtype, len(data), _probe_bytes(data) if self.dedup else b"")
+        for meta_at, written_at in self.by_probe.get(probe_key, []) if self.dedup else ():
+            self.fh.flush()
+            self.fh.seek(written_at)
+            if self.fh.read(len(data)) == data:
+                return meta_at
+        meta_at = self._meta(dtype, len(data), 0)
+        self.fh.write(data)
+        self.count += 1
+        self.by_probe.setdefault(probe_key, []).append((meta_at, meta_at + _META.size))
+        return meta_at
+
+    def _meta(self, dtype: int, size: int, padding: int) -> int:
+        """Write the metadata of a blob at the next aligned offset of the end; return it."""
         self.fh.seek(0, os.SEEK_END)
         pos = self.fh.tell()
         pad = -pos % _ALIGN
         meta_at = pos + pad
         self.fh.write(b"\0" * pad)
         self.fh.write(_META.pack(_SENTINEL, dtype, size, meta_at + _META.size, padding))
-        _copy_range(src, data_offset, self.fh, meta_at + _META.size, size)
-        self.count += 1
-        self.by_probe.setdefault(probe_key, []).append((meta_at, meta_at + _META.size))
-        self.by_source[source_key] = meta_at
         return meta_at
 
     def finish(self) -> None:
@@ -265,7 +312,7 @@ def stitch_packages(
             if (pkg / WEIGHTS_FILE).exists()
         }
         fh = stack.enter_context(open(dest / WEIGHTS_FILE, "w+b"))
-        writer = _BlobWriter(fh)
+        writer = BlobWriter(fh)
         for function in functions:
             chain = [
                 (specs[part[function][0]], part[function][1], part[function][0]) for part in parts
@@ -284,7 +331,7 @@ def _stitch_function(
     chain: Sequence[tuple[Any, str, Path]],
     wiring: Sequence[Mapping[str, str]],
     sources: Mapping[Path, BinaryIO],
-    writer: _BlobWriter,
+    writer: BlobWriter,
     out: Any,
     multi: bool,
 ) -> None:
