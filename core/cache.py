@@ -70,12 +70,19 @@ def code_digest() -> str:
 
 def third_party_versions() -> dict[str, str]:
     """Versions of installed distributions that provide ``sora_export`` plugins."""
+    return dict(_plugin_distributions())
+
+
+@functools.cache
+def _plugin_distributions() -> tuple[tuple[str, str], ...]:
+    # read once per process, like the plugins themselves (scanning every installed
+    # distribution's metadata costs ~10 ms, and a run makes hundreds of keys)
     out = {}
     for dist in importlib.metadata.distributions():
         eps = dist.entry_points
         if any(ep.group == "sora_export" for ep in eps):
             out[dist.metadata["Name"]] = dist.version
-    return dict(sorted(out.items()))
+    return tuple(sorted(out.items()))
 
 
 def make_key(fields: Mapping[str, Any]) -> str:

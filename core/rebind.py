@@ -57,7 +57,13 @@ import attrs
 import numpy as np
 import torch
 
-from sora_export.core.backends.stitch import SPEC_FILE, WEIGHTS_FILE, blob_records, read_spec
+from sora_export.core.backends.stitch import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    blob_records,
+    copy_range,
+    read_spec,
+)
 
 MARKER_SEEDS = (1, 2)
 MARKER_SCALE = 0.05
@@ -444,11 +450,16 @@ def write_rebound(
         (dest / SPEC_FILE).write_bytes(spec.SerializeToString())
     if not (template / WEIGHTS_FILE).exists():
         return
-    shutil.copyfile(template / WEIGHTS_FILE, dest / WEIGHTS_FILE)
-    with open(dest / WEIGHTS_FILE, "r+b") as fh:
+    # written front to back once: the template's bytes up to each bound blob, its data
+    source = template / WEIGHTS_FILE
+    end = source.stat().st_size
+    with open(source, "rb") as src, open(dest / WEIGHTS_FILE, "w+b") as fh:
+        at = 0
         for binding in sorted(bindings, key=lambda b: b.offset):
             if binding.inline is not None:
                 continue
-            data = encoded(binding)
-            fh.seek(binding.offset)
-            fh.write(_raw(data))
+            data = _raw(encoded(binding))
+            copy_range(src, at, fh, at, binding.offset - at)
+            fh.write(data)
+            at = binding.offset + binding.size
+        copy_range(src, at, fh, at, end - at)

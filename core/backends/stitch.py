@@ -109,7 +109,7 @@ def _same_bytes(a: BinaryIO, at_a: int, b: BinaryIO, at_b: int, size: int) -> bo
     return True
 
 
-def _copy_range(src: BinaryIO, at: int, dst: BinaryIO, to: int, size: int) -> None:
+def copy_range(src: BinaryIO, at: int, dst: BinaryIO, to: int, size: int) -> None:
     """Copy ``size`` bytes from ``src`` at ``at`` to ``dst`` at ``to`` (its end), leaving
     ``dst`` positioned after them: in the kernel where it can (Linux), else by reading."""
     dst.flush()
@@ -200,7 +200,7 @@ class BlobWriter:
                 self.by_source[source_key] = meta_at
                 return meta_at
         meta_at = self._meta(dtype, size, padding)
-        _copy_range(src, data_offset, self.fh, meta_at + _META.size, size)
+        copy_range(src, data_offset, self.fh, meta_at + _META.size, size)
         self.count += 1
         self.by_probe.setdefault(probe_key, []).append((meta_at, meta_at + _META.size))
         self.by_source[source_key] = meta_at
