@@ -139,6 +139,15 @@ class Encoding:
         data, scale = int8_per_channel(t.to(torch.float16), self.axis)
         return data if self.piece == "data" else scale
 
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Bytes this encoding of a parameter of ``shape`` takes (without encoding it)."""
+        if self.kind != "int8":
+            return math.prod(shape) * (2 if self.kind == "fp16" else 4)
+        if self.piece == "data":
+            return math.prod(shape)
+        stored = list(reversed(shape)) if self.transpose else list(shape)
+        return 2 * (stored[self.axis] if self.axis >= 0 else 1)
+
     def __str__(self) -> str:
         name = f"{self.kind}{'.T' if self.transpose else ''}"
         return f"{name}[axis {self.axis}].{self.piece}" if self.kind == "int8" else name
@@ -316,6 +325,7 @@ def derive_bindings(
     # every parameter's first markers as the converter may store them, by content
     wanted = {(size, digest) for _, size, digest in blobs_a}
     wanted |= {(len(raw), _digest(raw)) for _, raw, _ in varying_inline}
+    sizes = {size for size, _ in wanted}
     # (size, digest) -> every (parameter, encoding) giving those bytes, with the digest of
     # the same encoding of the parameter's second markers (small blobs, e.g. one int8
     # scale, may match several parameters: the second markers tell them apart)
@@ -324,6 +334,8 @@ def derive_bindings(
         value, second = marker(index, shape, seed_a), None
         encoder = _Encoder(value)
         for encoding in _encodings(value, quantized):
+            if encoding.nbytes(shape) not in sizes:
+                continue  # nothing stored has its size: not worth encoding and hashing
             if encoding.kind == "int8" and _key(encoder.scale(encoding)) not in wanted:
                 continue  # no blob or inline value holds these scales: skip the data too
             encoded = encoder(encoding)
