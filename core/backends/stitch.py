@@ -140,6 +140,9 @@ class StitchError(ValueError):
 
 
 def read_spec(package: Path) -> Any:
+    from sora_export.core.backends.coreml import quiet_coremltools
+
+    quiet_coremltools()  # the first import of coremltools: as the backend makes it
     from coremltools.proto import Model_pb2
 
     spec = Model_pb2.Model()
