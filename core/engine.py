@@ -1960,8 +1960,8 @@ def run(
 ) -> RunResult:
     """Export every chunk into the staging directory, then package and publish the bundle.
 
-    ``workers``: processes started ahead (:func:`start_workers`), used when the plan runs
-    that many in parallel; the caller closes them either way.
+    ``workers``: processes started ahead (:func:`sora_export.core.workers.start_workers`),
+    used when the plan runs that many in parallel; the caller closes them either way.
 
     Raises :class:`ExportError` when a chunk failed (the staging directory keeps finished
     chunks for ``--resume``). KeyboardInterrupt/SIGTERM propagate after the partial chunk's

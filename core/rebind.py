@@ -162,7 +162,9 @@ def int8_per_channel(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, tor
     in torch: the same fp16 arithmetic (each op computed in fp32 and rounded to fp16, as
     numpy does for float16), so the same bytes. Returns (int8 data, fp16 scale). Whether
     it really matches is checked, not assumed: :func:`derive_bindings` only binds a blob
-    whose bytes these give for both marker sets."""
+    whose bytes these give for both marker sets, and the direct int8 writer that uses it
+    (:mod:`sora_export.core.backends.mil_int8`) is compared with coremltools blob by blob
+    in tests/test_mil_int8.py."""
     scale = int8_scale(weight, axis)
     data = torch.round(weight / scale).clamp_(-127, 127).to(torch.int8)
     return data.contiguous(), scale

@@ -67,9 +67,10 @@ class WorkerPool:
     extra_modules: tuple[str, ...]
 
     def close(self) -> None:
-        """Stop the workers and wait for them (a no-op once ``run`` has used and closed
-        them): a worker exits at once when told to (:func:`init_worker`)."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers (a no-op once ``run`` has used and closed them). Not waited
+        for here: an error found while planning is reported at once; the interpreter's
+        exit joins them."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def start_workers(workers: int, extra_modules: Sequence[str] = ()) -> WorkerPool:
