@@ -228,11 +228,11 @@ def quantize_int8(
                     kind, raw = read_blob(fh, blob)
                     if kind != BLOB_FP16 or len(raw) != 2 * weight.size:
                         raise Unsupported(f"weight {weight.name}: blob is not its fp16 values")
-                    data = np.frombuffer(bytearray(raw), dtype=np.float16).reshape(shape)
-                    if np.isinf(data).any():
+                    data = torch.frombuffer(bytearray(raw), dtype=torch.float16).reshape(shape)
+                    if bool(torch.isinf(data).any()):
                         left.append(weight.name)  # coremltools skips infinite weights
                         continue
-                    if np.isnan(data).any():
+                    if bool(torch.isnan(data).any()):
                         raise Unsupported(f"weight {weight.name} holds NaN")
                     done[(blob, axis)] = _encode(data, axis, new_blobs, weight.name)
                 data_at, scale_at = done[(blob, axis)]
@@ -243,13 +243,13 @@ def quantize_int8(
 
 
 def _encode(
-    data: np.ndarray, axis: int, new_blobs: list[tuple[int, np.ndarray]], name: str
+    data: torch.Tensor, axis: int, new_blobs: list[tuple[int, np.ndarray]], name: str
 ) -> tuple[int, int]:
     """Quantize ``data``; queue its int8 data and fp16 scales; return their indices."""
     from sora_export.core.rebind import RebindError, int8_per_channel
 
     try:
-        q, scale = int8_per_channel(torch.from_numpy(data), axis)
+        q, scale = int8_per_channel(data, axis)
     except RebindError as exc:  # a channel of zeros: coremltools stores 0/0 there
         raise Unsupported(f"weight {name}: {exc}") from exc
     new_blobs.append((BLOB_INT8, q.numpy()))
