@@ -296,6 +296,14 @@ def test_quantized_variants_share_one_copy_of_weights(lowered: dict[str, Any]) -
     assert CoreMLBackend().save(variants, path) == ("plain", "tdtm")
     single = _default_package(lowered, "palettize4")
     assert tree_bytes(_weights_file(path)) == tree_bytes(_weights_file(single))
+    # each function computes what the single-function package does
+    run_mlpackage = _mil_interpreter()
+    want = run_mlpackage(single, lowered["feeds"])
+    for function in ("plain", "tdtm"):
+        got = run_mlpackage(path, lowered["feeds"], function=function)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
 
 
 def _mil_interpreter() -> Any:

@@ -171,25 +171,53 @@ class CoreMLBackend:
             )
 
     def save(self, models: dict[str, Any], path: Path) -> tuple[str, ...]:
+        """Write ``models`` (function name -> model) as one package: a single model as it
+        is, several as the functions of one package sharing equal weights. Those are
+        joined by the stitcher (one part per function: the graphs copied, blobs streamed
+        and deduplicated), which takes a fraction of the time coremltools'
+        ``save_multifunction`` takes to load and re-serialise every program; a graph the
+        stitcher does not take (nested blocks) goes to ``save_multifunction``."""
+        from sora_export.core.backends import remove_path
+        from sora_export.core.backends.stitch import CHUNK_INPUT, StitchError, stitch_packages
+
         ct = quiet_coremltools()
         if len(models) == 1:
             (model,) = models.values()
             model.save(str(path))
             return ("main",)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".mf-") as tmp:
+            singles = {}
+            for function, model in models.items():
+                singles[function] = Path(tmp) / f"{function}.mlpackage"
+                model.save(str(singles[function]))
+            names = {
+                feature.name
+                for model in models.values()
+                for feature in model.get_spec().description.input
+            }
+            try:
+                stitch_packages(
+                    [{f: (single, "main") for f, single in singles.items()}],
+                    [{name: f"{CHUNK_INPUT}{name}" for name in names}],
+                    tuple(models),
+                    path,
+                )
+            except StitchError:
+                remove_path(path)
+                self._save_multifunction(ct, singles, path)
+        return tuple(models)
+
+    @staticmethod
+    def _save_multifunction(ct: Any, singles: Mapping[str, Path], path: Path) -> None:
         from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
 
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".mf-") as tmp:
-            descriptor = MultiFunctionDescriptor()
-            for function, model in models.items():
-                single = Path(tmp) / f"{function}.mlpackage"
-                model.save(str(single))
-                descriptor.add_function(str(single), "main", function)
-            descriptor.default_function_name = next(iter(models))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                save_multifunction(descriptor, str(path))
-        del ct
-        return tuple(models)
+        descriptor = MultiFunctionDescriptor()
+        for function, single in singles.items():
+            descriptor.add_function(str(single), "main", function)
+        descriptor.default_function_name = next(iter(singles))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_multifunction(descriptor, str(path))
 
     def save_lowered(self, model: Any, path: Path) -> None:
         """Write one lowered model for the engine's cache."""
