@@ -239,7 +239,8 @@ def quantize_int8(
                 _rewrite(op, shape, data_at, scale_at, new_blobs, dt)
                 quantized.append(weight.name)
         _write_package(src, dest, spec, fh, new_blobs)
-    return Int8Result(tuple(quantized), tuple(left))
+    # each name once (a multi-function package meets a shared weight once per function)
+    return Int8Result(tuple(dict.fromkeys(quantized)), tuple(dict.fromkeys(left)))
 
 
 def _encode(
@@ -323,8 +324,9 @@ def quantize_model_int8(model: Any, keep: Callable[[WeightConst], bool]) -> tupl
 
     :raises Unsupported: as :func:`quantize_int8`.
     """
-    import coremltools as ct
+    from sora_export.core.backends.coreml import quiet_coremltools
 
+    ct = quiet_coremltools()
     package = getattr(model, "package_path", None)
     if not package or not Path(package, "Manifest.json").exists():
         raise Unsupported("the model has no saved package")
