@@ -157,15 +157,18 @@ def _reduced_dims(weight: torch.Tensor, axis: int) -> list[int]:
     return [d for d in range(weight.dim()) if d != axis]
 
 
-def int8_per_channel(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_per_channel(
+    weight: torch.Tensor, axis: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """coremltools' ``linear_symmetric`` int8 per-channel quantization of an fp16 tensor,
     in torch: the same fp16 arithmetic (each op computed in fp32 and rounded to fp16, as
     numpy does for float16), so the same bytes. Returns (int8 data, fp16 scale). Whether
     it really matches is checked, not assumed: :func:`derive_bindings` only binds a blob
     whose bytes these give for both marker sets, and the direct int8 writer that uses it
     (:mod:`sora_export.core.backends.mil_int8`) is compared with coremltools blob by blob
-    in tests/test_mil_int8.py."""
-    scale = int8_scale(weight, axis)
+    in tests/test_mil_int8.py. ``scale``: :func:`int8_scale` of the same weight and axis,
+    when already computed."""
+    scale = int8_scale(weight, axis) if scale is None else scale
     data = torch.round(weight / scale).clamp_(-127, 127).to(torch.int8)
     return data.contiguous(), scale
 
@@ -201,22 +204,27 @@ class _Encoder:
     def __init__(self, value: torch.Tensor) -> None:
         self.value = value
         self.int8: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scales: dict[tuple[bool, int], torch.Tensor] = {}
 
     def __call__(self, encoding: Encoding) -> torch.Tensor:
         if encoding.kind != "int8":
             return encoding.encode(self.value)
         key = (encoding.transpose, encoding.axis)
         if key not in self.int8:
-            self.int8[key] = int8_per_channel(self._fp16(encoding.transpose), encoding.axis)
+            self.int8[key] = int8_per_channel(
+                self._fp16(encoding.transpose), encoding.axis, self.scales.get(key)
+            )
         data, scale = self.int8[key]
         return data if encoding.piece == "data" else scale
 
     def scale(self, encoding: Encoding) -> torch.Tensor:
-        """An int8 encoding's scales, without quantizing the data."""
+        """An int8 encoding's scales, without quantizing the data (kept for it)."""
         key = (encoding.transpose, encoding.axis)
         if key in self.int8:
             return self.int8[key][1]
-        return int8_scale(self._fp16(encoding.transpose), encoding.axis)
+        if key not in self.scales:
+            self.scales[key] = int8_scale(self._fp16(encoding.transpose), encoding.axis)
+        return self.scales[key]
 
     def _fp16(self, transpose: bool) -> torch.Tensor:
         return (self.value.t() if transpose else self.value).to(torch.float16)
