@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from sora_export.core import quick_exit
+from sora_export.core import quick_exit, runtime
 from sora_export.core.errors import SoraExportError, UsageError
 from sora_export.core.shapes import parse_shapes_option
 from sora_export.core.types import QUANT_POLICIES, TARGETS, ExportRequest, default_shapes
@@ -290,6 +290,7 @@ def _export(args: argparse.Namespace, workers: WorkerPool | None) -> int:
     from sora_export.core import engine
     from sora_export.core.report import console, live_progress, plan_panel, print_report
 
+    runtime.settle_imports()
     the_plan = engine.plan(request, registry)
     console.print(plan_panel(the_plan))
     try:
@@ -331,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``sora-export`` command: :func:`main`, ending the process without tearing down
     the interpreter once everything is written, printed and cleaned up
-    (:mod:`sora_export.core.quick_exit`)."""
+    (:mod:`sora_export.core.quick_exit`). Torch's and the workers' allocators are tuned
+    first (:mod:`sora_export.core.runtime`: before torch is imported)."""
+    runtime.tune_environment()
     quick_exit.arm()
     code = main()
     quick_exit.set_code(code)

@@ -28,6 +28,7 @@ import attrs
 import numpy as np
 import torch
 
+from sora_export.core import runtime
 from sora_export.core.backends import (
     atomic_replace,
     capture,
@@ -2072,6 +2073,7 @@ def worker_setup(extra_modules: tuple[str, ...]) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # N workers share the cores; no oversubscription
     _WORKER_REGISTRY = Registry.discover(extra_modules)
+    runtime.settle_imports()
 
 
 def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResult]:

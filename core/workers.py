@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from sora_export.core import quick_exit
+from sora_export.core import quick_exit, runtime
 
 
 def available_cores() -> int:
@@ -45,8 +45,11 @@ def _ready() -> int:
 
 def new_executor(workers: int, extra_modules: Sequence[str] = ()) -> Any:
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (torch and fork do not
-    mix), each started by :func:`init_worker`. Processes start on the first submits."""
+    mix), each started by :func:`init_worker`. Processes start on the first submits, with
+    the allocator settings of :func:`sora_export.core.runtime.tune_environment`."""
     from concurrent.futures import ProcessPoolExecutor
+
+    runtime.tune_environment()
 
     return ProcessPoolExecutor(
         max_workers=workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sora_export.core import runtime
 from sora_export.core.types import Chunk, DeviceProfile
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -33,18 +35,19 @@ def quiet_coremltools() -> Any:
     reported missing to coremltools' probe, and importable again right after).
     """
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    first = "coremltools" not in sys.modules
     with warnings.catch_warnings(), _hidden(_PROBED_ONLY):
         warnings.simplefilter("ignore")
         import coremltools as ct
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    if first:
+        runtime.settle_imports()  # its modules' objects: out of the collector's walks
     return ct
 
 
 @contextlib.contextmanager
 def _hidden(names: Sequence[str]) -> Iterator[None]:
     """Make ``import NAME`` fail inside the block for each name not imported yet."""
-    import sys
-
     if "coremltools" in sys.modules:
         yield
         return

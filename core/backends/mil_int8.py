@@ -120,9 +120,7 @@ def _flag(reader: Any, key: str, bools: dict[str, bool]) -> bool:
     return found
 
 
-def _channel_axis(
-    readers: list[tuple[Any, str]], rank: int, bools: dict[str, bool]
-) -> int | None:
+def _channel_axis(readers: list[tuple[Any, str]], rank: int, bools: dict[str, bool]) -> int | None:
     """The output-channel axis coremltools would pick (for rank >= 2, always one of the
     first two), or None when readers disagree."""
     outs, ins = set(), set()
