@@ -230,8 +230,9 @@ def run_export(argv: Sequence[str]) -> int:
 
 def _early_workers(args: argparse.Namespace) -> WorkerPool | None:
     """Worker processes started before the plugins are discovered and the plan is made,
-    when the run will be parallel: ``--jobs N`` (N > 1), or ``auto`` for full-size models
-    (real or ``--size full``) on more than one core; tiny plans run in one process. Their
+    when the run will be parallel: ``--jobs N`` (N > 1: N - 1 workers, this process being
+    the N-th), or ``auto`` for full-size models (real or ``--size full``) on more than one
+    core; tiny plans run in one process. Their
     start-up (seconds of imports) then overlaps ours. The engine uses them if the plan
     wants as many; the caller closes them. Started before this process imports torch
     (:mod:`sora_export.core.workers` does not), so the imports run side by side."""
@@ -241,10 +242,10 @@ def _early_workers(args: argparse.Namespace) -> WorkerPool | None:
 
     if args.jobs is None and args.size != "full" and not args.weights:
         return None
-    workers = args.jobs or available_cores()
-    if workers < 2:
+    jobs = args.jobs or available_cores()
+    if jobs < 2:
         return None
-    return start_workers(workers, args.plugin_module)
+    return start_workers(jobs - 1, args.plugin_module)  # this process is one of the jobs
 
 
 def _export(args: argparse.Namespace, workers: WorkerPool | None) -> int:

@@ -10,14 +10,17 @@ continued with ``--resume``. ``package()`` writes manifest.json and report.json.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
 import json
 import math
 import os
+import queue
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -2083,16 +2086,22 @@ def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResul
 
 
 def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> dict[str, float]:
+    assert _WORKER_REGISTRY is not None
+    return lower_part_ahead(plan, _WORKER_REGISTRY, index, part, stage)
+
+
+def lower_part_ahead(
+    plan: ExportPlan, registry: Registry, index: int, part: int, stage: Path
+) -> dict[str, float]:
     """Lower one part of a chunk into the part cache, ahead of the chunk's own task, and
     for a quantized policy with a usable template bind its quantized models too (the
     chunk's task then finds them there and only stitches). Returns the stage timings."""
-    assert _WORKER_REGISTRY is not None
     chunk = plan.chunks[index]
     timings: dict[str, float] = {}
     precision = _lower_precision(_policy(plan, chunk))
     cache = part_cache(plan, stage)
     the_part = chunk.parts[part]
-    job = _PartJob(plan, _WORKER_REGISTRY, chunk, the_part, "coreml", precision, cache, timings)
+    job = _PartJob(plan, registry, chunk, the_part, "coreml", precision, cache, timings)
     suffix = get_backend("coreml").suffix
     if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
         lower_part(job)
@@ -2138,6 +2147,68 @@ def _add_timings(results: list[ChunkResult], extra: dict[str, float]) -> list[Ch
     return out
 
 
+@attrs.frozen
+class _Task:
+    """One unit of a parallel run: a part of ``chunk`` to lower ahead (``part`` its index),
+    or the chunk's own export (``part`` None)."""
+
+    chunk: Chunk
+    part: int | None = None
+
+
+@attrs.define
+class _Feed:
+    """The tasks of a parallel run, handed to a process pool and to this process.
+
+    The pool's workers are kept busy from the pool's own thread: when one finishes a
+    task the next ready one is submitted at once, whatever this process is doing. Every
+    finished task (its future) goes to ``done`` for this process to collect. A broken pool
+    (a worker died) takes no more tasks."""
+
+    submit: Callable[[_Task], Any]
+    size: int
+    done: queue.Queue = attrs.Factory(queue.Queue)
+    ready: collections.deque = attrs.Factory(collections.deque)
+    running: int = 0
+    broken: bool = False
+    lock: threading.RLock = attrs.Factory(threading.RLock)
+
+    def add(self, task: _Task, first: bool = False) -> None:
+        with self.lock:
+            if first:
+                self.ready.appendleft(task)
+            else:
+                self.ready.append(task)
+            self.fill()
+
+    def take(self) -> _Task | None:
+        """The next ready task, for this process to run."""
+        with self.lock:
+            return self.ready.popleft() if self.ready else None
+
+    def fill(self) -> None:
+        """Submit ready tasks while a worker is free."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        with self.lock:
+            while not self.broken and self.running < self.size and self.ready:
+                task = self.ready.popleft()
+                try:
+                    future = self.submit(task)
+                except (BrokenProcessPool, RuntimeError):
+                    self.broken = True
+                    self.ready.appendleft(task)  # run here instead
+                    return
+                self.running += 1
+                future.add_done_callback(functools.partial(self._finished, task))
+
+    def _finished(self, task: _Task, future: Any) -> None:
+        with self.lock:
+            self.running -= 1
+            self.fill()
+        self.done.put((task, future))
+
+
 def _run_parallel(
     plan: ExportPlan,
     registry: Registry,
@@ -2147,17 +2218,21 @@ def _run_parallel(
     sink: EventSink,
     warm: WorkerPool | None = None,
 ) -> Iterator[tuple[Chunk, list[ChunkResult]]]:
-    """Export chunks in ``jobs`` worker processes (spawned: torch and fork do not mix):
-    ``warm``'s, already started, when it has that many for the same plugins.
+    """Export chunks in ``jobs`` processes: this one and ``jobs - 1`` workers (spawned:
+    torch and fork do not mix; ``warm``'s, already started, when it has that many for
+    the same plugins).
 
     The parts of chunks converted part by part are lowered first, each as its own task, so
-    the workers share even a plan of few big chunks; a chunk's own task (quantize, stitch,
-    verify) starts when its parts are done. A worker that dies (e.g. killed for memory)
-    breaks the pool; the unfinished chunks are retried once in a fresh pool (parts already
-    lowered are found in the cache), so only a chunk that kills its worker twice fails,
-    with an error saying so.
+    the processes share even a plan of few big chunks; a chunk's own task (quantize,
+    stitch, verify) is queued first when its parts are done. Workers take the next task
+    as they finish; this process runs the next one itself whenever it has no finished
+    task to collect, so ``jobs`` processes work while only ``jobs - 1`` start up. A worker
+    that dies (e.g. killed for memory) breaks the pool: this process goes on with the
+    tasks of other chunks, and the chunks whose tasks were lost are retried once in a
+    fresh pool (parts already lowered are found in the cache), so only a chunk that kills
+    its worker twice fails, with an error saying so.
     """
-    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
     index_of = {c.key: i for i, c in enumerate(plan.chunks)}
@@ -2170,57 +2245,81 @@ def _run_parallel(
             f"--jobs {jobs} needs picklable chunks and components ({type(exc).__name__}: "
             f"{exc}); run with --jobs 1"
         ) from exc
+    active = set(plan.plugins)
     attempts = dict.fromkeys((c.key for c in chunks), 0)
     todo = list(chunks)
-    while todo:
-        broken: list[Chunk] = []
-        workers = min(jobs, len(todo))
-        if (
-            warm is not None
-            and warm.workers == workers
-            and warm.extra_modules == tuple(registry.extra_modules)
-        ):
-            executor = warm.executor  # first attempt only: a broken pool is not reused
-        else:
-            executor = new_executor(workers, registry.extra_modules)
-        warm = None
-        with executor as pool:
-            futures: dict[Any, tuple[str, Chunk]] = {}
-            waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
-            part_timings: dict[str, dict[str, float]] = {}
-            # Queue order: the first parts (with templates, the first two make its two
-            # marker lowerings side by side while the other workers wait for them), then
-            # the chunks without parts, then the other parts (bound in moments once the
-            # template exists). A chunk's own task is queued when its parts are done.
-            part_tasks: list[tuple[Chunk, int]] = []
-            whole: list[Chunk] = []
-            for chunk in todo:
-                attempts[chunk.key] += 1
-                sink(Event("chunk-start", chunk.key))
-                parts = _part_tasks(plan, chunk)
-                waiting[chunk.key] = len(parts)
-                part_timings[chunk.key] = {}
-                part_tasks.extend((chunk, i) for i in parts)
-                if not parts:
-                    whole.append(chunk)
-            tasks = [
-                *(("part", c, i) for c, i in part_tasks[:jobs]),
-                *(("chunk", c, 0) for c in whole),
-                *(("part", c, i) for c, i in part_tasks[jobs:]),
-            ]
-            for kind, chunk, i in tasks:
-                index = index_of[chunk.key]
-                if kind == "part":
-                    future = pool.submit(_worker_lower_part, plan, index, i, stage)
-                else:
-                    future = pool.submit(_worker_export, plan, index, stage)
-                futures[future] = (kind, chunk)
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    kind, chunk = futures[future]
-                    if kind == "part":
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process is one of the jobs; no oversubscription
+    try:
+        while todo:
+            broken: list[Chunk] = []
+            size = jobs - 1
+            if (
+                warm is not None
+                and warm.workers == size
+                and warm.extra_modules == tuple(registry.extra_modules)
+            ):
+                executor = warm.executor  # first attempt only: a broken pool is not reused
+            else:
+                executor = new_executor(size, registry.extra_modules)
+            warm = None
+
+            def submit(task: _Task, pool: Any = executor) -> Any:
+                index = index_of[task.chunk.key]
+                if task.part is None:
+                    return pool.submit(_worker_export, plan, index, stage)
+                return pool.submit(_worker_lower_part, plan, index, task.part, stage)
+
+            def run_here(task: _Task) -> Future:
+                future: Future = Future()
+                try:
+                    if task.part is None:
+                        value: Any = export_chunk(task.chunk, plan, registry, active, stage, sink)
+                    else:
+                        index = index_of[task.chunk.key]
+                        value = lower_part_ahead(plan, registry, index, task.part, stage)
+                    future.set_result(value)
+                except Exception as exc:
+                    future.set_exception(exc)
+                return future
+
+            with executor:
+                feed = _Feed(submit, size)
+                waiting: dict[str, int] = {}  # chunk key -> parts still being lowered
+                part_timings: dict[str, dict[str, float]] = {}
+                # Queue order: the first parts (with templates, the first two make its two
+                # marker lowerings side by side while the other processes wait for them),
+                # then the chunks without parts, then the other parts (bound in moments
+                # once the template exists).
+                part_tasks: list[_Task] = []
+                whole: list[_Task] = []
+                for chunk in todo:
+                    attempts[chunk.key] += 1
+                    sink(Event("chunk-start", chunk.key))
+                    parts = _part_tasks(plan, chunk)
+                    waiting[chunk.key] = len(parts)
+                    part_timings[chunk.key] = {}
+                    part_tasks.extend(_Task(chunk, i) for i in parts)
+                    if not parts:
+                        whole.append(_Task(chunk))
+                for task in [*part_tasks[:jobs], *whole, *part_tasks[jobs:]]:
+                    feed.add(task)
+                outstanding = len(part_tasks) + len(whole)
+                while outstanding:
+                    try:
+                        task, future = feed.done.get_nowait()
+                    except queue.Empty:
+                        mine = feed.take()
+                        if mine is not None and mine.chunk in broken:
+                            outstanding -= 1  # retried with its chunk in a fresh pool
+                            continue
+                        if mine is not None:
+                            task, future = mine, run_here(mine)
+                        else:
+                            task, future = feed.done.get()
+                    outstanding -= 1
+                    chunk = task.chunk
+                    if task.part is not None:
                         try:
                             for stage_name, seconds in future.result().items():
                                 t = part_timings[chunk.key]
@@ -2233,13 +2332,8 @@ def _run_parallel(
                             pass  # the chunk's own task lowers the part again and reports
                         waiting[chunk.key] -= 1
                         if waiting[chunk.key] == 0 and chunk not in broken:
-                            try:
-                                nxt = pool.submit(_worker_export, plan, index_of[chunk.key], stage)
-                            except BrokenProcessPool:
-                                broken.append(chunk)
-                                continue
-                            futures[nxt] = ("chunk", chunk)
-                            remaining.add(nxt)
+                            feed.add(_Task(chunk), first=True)
+                            outstanding += 1
                         continue
                     try:
                         yield chunk, _add_timings(future.result(), part_timings[chunk.key])
@@ -2255,18 +2349,24 @@ def _run_parallel(
                                 for t in plan.targets
                             ],
                         )
-        todo = []
-        for chunk in broken:
-            if attempts[chunk.key] >= 2:
-                message = (
-                    "its worker process died twice (killed, e.g. out of memory?); try fewer --jobs"
-                )
-                yield (
-                    chunk,
-                    [_failed(chunk, t, _policy(plan, chunk), {}, message) for t in plan.targets],
-                )
-            else:
-                todo.append(chunk)
+            todo = []
+            for chunk in broken:
+                if attempts[chunk.key] >= 2:
+                    message = (
+                        "its worker process died twice (killed, e.g. out of memory?); "
+                        "try fewer --jobs"
+                    )
+                    yield (
+                        chunk,
+                        [
+                            _failed(chunk, t, _policy(plan, chunk), {}, message)
+                            for t in plan.targets
+                        ],
+                    )
+                else:
+                    todo.append(chunk)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class ExportFailed(ExportError):

@@ -215,7 +215,7 @@ def test_workers_started_ahead_are_used(tmp_path: Path, monkeypatch: pytest.Monk
         plugins=("stdit",), output=tmp_path / "o", targets=("coreml",), jobs=2, verify=False
     )
     plan = engine.plan(request, registry)
-    workers = start_workers(2)
+    workers = start_workers(1)  # with this process: two jobs
 
     def no_new_pool(*_: object, **__: object) -> None:
         raise AssertionError("a second pool was started")
@@ -252,6 +252,6 @@ def test_cli_starts_workers_only_for_parallel_runs() -> None:
 
     assert early() is None  # tiny models: one process
     assert early("--jobs", "1", "--size", "full") is None
-    pool = early("--jobs", "2")
-    assert pool is not None and pool.workers == 2
+    pool = early("--jobs", "3")
+    assert pool is not None and pool.workers == 2  # and this process
     pool.close()
