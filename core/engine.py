@@ -2341,7 +2341,7 @@ def _run_parallel(
                         if chunk not in broken:
                             broken.append(chunk)
                     except Exception as exc:
-                        message = f"worker failed: {type(exc).__name__}: {exc}"
+                        message = f"task failed: {type(exc).__name__}: {exc}"
                         yield (
                             chunk,
                             [

@@ -255,3 +255,52 @@ def test_cli_starts_workers_only_for_parallel_runs() -> None:
     pool = early("--jobs", "3")
     assert pool is not None and pool.workers == 2  # and this process
     pool.close()
+
+
+def test_feed_keeps_the_pool_busy_and_leaves_the_rest_here() -> None:
+    """engine._Feed: the pool gets the next task from its own thread as each one finishes
+    (this process never has to come back for it), this process takes what is left, and
+    every task runs once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from sora_export.core.engine import _Feed, _Task
+
+    chunk = engine.plan(
+        ExportRequest(plugins=("stdit",), output=Path("o"), targets=("coreml",), verify=False),
+        Registry.discover(),
+    ).chunks[0]
+    ran: dict[int, str] = {}
+    release = threading.Event()
+
+    def work(task: _Task, where: str) -> None:
+        ran[task.part] = where  # type: ignore[index]
+        if task.part == 0:
+            release.wait(5)  # the pool's first task outlasts this process's first one
+
+    with ThreadPoolExecutor(1) as pool:
+        feed = _Feed(lambda t: pool.submit(work, t, "pool"), size=1)
+        for i in range(6):
+            feed.add(_Task(chunk, i))
+        mine = feed.take()
+        assert mine is not None and mine.part == 1  # task 0 went to the pool
+        work(mine, "here")
+        release.set()
+        deadline = time.monotonic() + 5
+        while 2 not in ran and time.monotonic() < deadline:
+            time.sleep(0.01)  # the pool's thread hands it task 2 as task 0 ends
+        while (task := feed.take()) is not None:
+            work(task, "here")
+        while len(ran) < 6:
+            feed.done.get(timeout=5)
+    assert sorted(ran) == list(range(6))
+    assert ran[0] == "pool" and ran[1] == "here" and ran[2] == "pool"
+
+    def broken(_: _Task) -> None:
+        raise BrokenProcessPool("a worker died")
+
+    feed = _Feed(broken, size=1)
+    feed.add(_Task(chunk, 7))
+    assert feed.broken and feed.take() == _Task(chunk, 7)  # left for this process
