@@ -1047,6 +1047,14 @@ class _PartJob:
     cache: LoweredCache
     timings: dict[str, float]
     sink: EventSink = _ignore
+    # False: when another process is still making a marker lowering of the part's
+    # template, raise TemplatePending instead of waiting for it
+    wait: bool = True
+
+
+class TemplatePending(Exception):
+    """A marker lowering of the part's template is being made by another process (and
+    the job said not to wait): run the part again later."""
 
 
 def lower_part(job: _PartJob) -> tuple[dict[str, Any], dict[str, Any], bool]:
@@ -1169,21 +1177,29 @@ def _lower_markers(job: _PartJob, key: str, seed: int) -> None:
 
 
 def _ensure_entries(
-    cache: LoweredCache, keys: list[tuple[int, str]], make: Callable[[int, str], None]
+    cache: LoweredCache,
+    keys: list[tuple[int, str]],
+    make: Callable[[int, str], None],
+    wait: bool = True,
 ) -> None:
     """Make the missing cache entries ``(seed, key)`` with ``make(seed, key)``, each under
-    its lock: first those no other worker is making, then (waiting) the others."""
+    its lock: first those no other process is making, then (waiting) the others -- or,
+    with ``wait`` False, raise :class:`TemplatePending` if another is making one."""
     suffix = get_backend("coreml").suffix
     todo = keys
-    for wait in (False, True):
+    # not waiting: the second pass tries the locks again (one may have been released
+    # while this process made its own lowering) and gives up on those still held
+    for waiting in (False, wait):
         later = []
         for seed, key in todo:
-            with cache.lock(key, wait=wait) as held:
+            with cache.lock(key, wait=waiting) as held:
                 if not held:
                     later.append((seed, key))
                 elif cache.files(key, suffix) is None:
                     make(seed, key)
         todo = later
+    if todo:
+        raise TemplatePending(f"{len(todo)} marker lowering(s) being made elsewhere")
 
 
 def part_template(job: _PartJob, policy: str | None = None) -> _Template:
@@ -1240,9 +1256,10 @@ def part_template(job: _PartJob, policy: str | None = None) -> _Template:
             raise RebindError(f"cannot write the template to {cache.root}")
 
     try:
-        _ensure_entries(cache, list(zip(MARKER_SEEDS, keys, strict=True)), lower)
+        _ensure_entries(cache, list(zip(MARKER_SEEDS, keys, strict=True)), lower, job.wait)
         if policy is not None:
-            _ensure_entries(cache, list(zip(MARKER_SEEDS, qkeys, strict=True)), quantize)
+            pairs = list(zip(MARKER_SEEDS, qkeys, strict=True))
+            _ensure_entries(cache, pairs, quantize, job.wait)
         entries = [cache.files(key, backend.suffix) for key in qkeys]
         if any(e is None for e in entries):
             raise RebindError("its marker lowerings vanished from the cache")
@@ -2085,42 +2102,53 @@ def _worker_export(plan: ExportPlan, index: int, stage: Path) -> list[ChunkResul
     return export_chunk(chunk, plan, _WORKER_REGISTRY, set(plan.plugins), stage)
 
 
-def _worker_lower_part(plan: ExportPlan, index: int, part: int, stage: Path) -> dict[str, float]:
+def _worker_lower_part(
+    plan: ExportPlan, index: int, part: int, stage: Path, wait: bool
+) -> tuple[dict[str, float], bool]:
     assert _WORKER_REGISTRY is not None
-    return lower_part_ahead(plan, _WORKER_REGISTRY, index, part, stage)
+    return lower_part_ahead(plan, _WORKER_REGISTRY, index, part, stage, wait)
 
 
 def lower_part_ahead(
-    plan: ExportPlan, registry: Registry, index: int, part: int, stage: Path
-) -> dict[str, float]:
+    plan: ExportPlan, registry: Registry, index: int, part: int, stage: Path, wait: bool = True
+) -> tuple[dict[str, float], bool]:
     """Lower one part of a chunk into the part cache, ahead of the chunk's own task, and
     for a quantized policy with a usable template bind its quantized models too (the
-    chunk's task then finds them there and only stitches). Returns the stage timings."""
+    chunk's task then finds them there and only stitches). Returns the stage timings and
+    whether the part is done: with ``wait`` False, not when its template's other marker
+    lowering is still being made by another process (what this task made, e.g. one of
+    them, is cached; run it again later)."""
     chunk = plan.chunks[index]
     timings: dict[str, float] = {}
     precision = _lower_precision(_policy(plan, chunk))
     cache = part_cache(plan, stage)
     the_part = chunk.parts[part]
-    job = _PartJob(plan, registry, chunk, the_part, "coreml", precision, cache, timings)
+    job = _PartJob(plan, registry, chunk, the_part, "coreml", precision, cache, timings, wait=wait)
     suffix = get_backend("coreml").suffix
-    if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
-        lower_part(job)
     policy = _policy(plan, chunk)
-    if (
-        policy not in ("fp32", "fp16", "auto")
-        and the_part.template
-        and plan.request.rebind
-        and cache.files(quantized_key(plan, the_part, "coreml", precision, policy), suffix) is None
-    ):
-        # quantized here too, so the chunk's task only stitches; a template that cannot
-        # be used is left to that task (which quantizes the part itself and notes why)
-        with contextlib.suppress(RebindError):
-            rebind_part(job, policy)
+    try:
+        if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
+            lower_part(job)
+        if (
+            policy not in ("fp32", "fp16", "auto")
+            and the_part.template
+            and plan.request.rebind
+            and cache.files(quantized_key(plan, the_part, "coreml", precision, policy), suffix)
+            is None
+        ):
+            # quantized here too, so the chunk's task only stitches; a template that cannot
+            # be used is left to that task (which quantizes the part itself and notes why)
+            with contextlib.suppress(RebindError):
+                rebind_part(job, policy)
+    except TemplatePending:
+        done = False
+    else:
+        done = True
     if "lower" in timings:
         # a lowering leaves converter garbage worth handing back to the system; a bind
         # (most part tasks) does not, and the next one reuses its freed memory
         release_memory()
-    return timings
+    return timings, done
 
 
 def _part_tasks(plan: ExportPlan, chunk: Chunk) -> list[int]:
@@ -2154,6 +2182,7 @@ class _Task:
 
     chunk: Chunk
     part: int | None = None
+    wait: bool = False  # a part: wait for its template's marker lowerings made elsewhere
 
 
 @attrs.define
@@ -2268,7 +2297,7 @@ def _run_parallel(
                 index = index_of[task.chunk.key]
                 if task.part is None:
                     return pool.submit(_worker_export, plan, index, stage)
-                return pool.submit(_worker_lower_part, plan, index, task.part, stage)
+                return pool.submit(_worker_lower_part, plan, index, task.part, stage, task.wait)
 
             def run_here(task: _Task) -> Future:
                 future: Future = Future()
@@ -2277,7 +2306,7 @@ def _run_parallel(
                         value: Any = export_chunk(task.chunk, plan, registry, active, stage, sink)
                     else:
                         index = index_of[task.chunk.key]
-                        value = lower_part_ahead(plan, registry, index, task.part, stage)
+                        value = lower_part_ahead(plan, registry, index, task.part, stage, task.wait)
                     future.set_result(value)
                 except Exception as exc:
                     future.set_exception(exc)
@@ -2321,7 +2350,8 @@ def _run_parallel(
                     chunk = task.chunk
                     if task.part is not None:
                         try:
-                            for stage_name, seconds in future.result().items():
+                            timings, done = future.result()
+                            for stage_name, seconds in timings.items():
                                 t = part_timings[chunk.key]
                                 t[stage_name] = t.get(stage_name, 0.0) + seconds
                         except BrokenProcessPool:
@@ -2329,7 +2359,11 @@ def _run_parallel(
                                 broken.append(chunk)
                             continue
                         except Exception:
-                            pass  # the chunk's own task lowers the part again and reports
+                            done = True  # the chunk's own task lowers it again and reports
+                        if not done:  # its template is being made elsewhere: after the rest
+                            feed.add(attrs.evolve(task, wait=True))
+                            outstanding += 1
+                            continue
                         waiting[chunk.key] -= 1
                         if waiting[chunk.key] == 0 and chunk not in broken:
                             feed.add(_Task(chunk), first=True)

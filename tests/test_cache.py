@@ -304,3 +304,27 @@ def test_feed_keeps_the_pool_busy_and_leaves_the_rest_here() -> None:
     feed = _Feed(broken, size=1)
     feed.add(_Task(chunk, 7))
     assert feed.broken and feed.take() == _Task(chunk, 7)  # left for this process
+
+
+def test_marker_lowerings_made_elsewhere_are_not_waited_for(tmp_path: Path) -> None:
+    """A part task told not to wait makes the marker lowerings nobody else is making and
+    reports the others as pending (the scheduler runs it again later), instead of
+    blocking its process; once they are there it goes on."""
+    from sora_export.core.engine import TemplatePending, _ensure_entries
+
+    cache = LoweredCache(tmp_path / "cache")
+    made: list[int] = []
+
+    def make(seed: int, key: str) -> None:
+        made.append(seed)
+        cache.put_with(key, ".mlpackage", {"main": lambda p: p.mkdir()}, {})
+
+    keys = [(1, "a" * 64), (2, "b" * 64)]
+    with cache.lock(keys[1][1]):  # another process is making the second one
+        with pytest.raises(TemplatePending):
+            _ensure_entries(cache, keys, make, wait=False)
+        assert made == [1]
+    _ensure_entries(cache, keys, make, wait=False)  # released, still missing: made here
+    assert made == [1, 2]
+    _ensure_entries(cache, keys, make, wait=False)  # both there: nothing to do
+    assert made == [1, 2]
