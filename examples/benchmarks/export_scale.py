@@ -2,7 +2,10 @@
 
 Runs ``sora-export`` as a subprocess per configuration (fresh process, cold caches of
 this tool, the disk synced first) and samples the resident memory of the process and all
-its workers every 0.2 s. Prints a rich table and writes the figures as JSON. With
+its workers every 0.2 s; also the CPU seconds the process tree used and the seconds the
+hypervisor "stole" from this machine meanwhile (a busy host: wall times are then upper
+bounds, and parallel runs suffer more). Prints a rich table and writes the figures as
+JSON. With
 ``--repeat N`` the case runs N rounds; the table gives medians (and ranges) and the
 speed-up or re-quantization ratio is the median of the rounds' own ratios.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,16 +42,32 @@ console = Console(highlight=False, width=None if Console().is_terminal else 160)
 REPO = Path(__file__).resolve().parents[2]
 
 
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave other guests while this one wanted it, all CPUs
+    (``steal`` of /proc/stat), or None where there is no such file."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_export(args: list[str]) -> dict:
-    """Run one export; return wall seconds, peak tree RSS and the report's totals."""
+    """Run one export; return wall seconds, peak tree RSS, CPU seconds of the process
+    tree (user + system), the machine's steal seconds meanwhile, and the report's totals."""
     command = [sys.executable, "-m", "sora_export.core.cli", *args]
     # earlier runs' writes still on their way to disk would slow this run's writes
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stolen = steal_seconds()
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with TreePeakSampler(root=proc.pid) as sampler:
         output, _ = proc.communicate()
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    steal = steal_seconds()
     if proc.returncode != 0:
         console.print(output[-4000:])
         raise SystemExit(f"export failed ({proc.returncode}): {' '.join(args)}")
@@ -63,6 +83,8 @@ def run_export(args: list[str]) -> dict:
         "label": " ".join([label, *flags]),
         "args": " ".join(args),
         "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),  # workers count once reaped by the command
+        "steal_seconds": None if steal is None or stolen is None else round(steal - stolen, 1),
         "peak_tree_rss_bytes": sampler.peak,
         "bundle_bytes": report["total_bytes"],
         "chunks": len(report["chunks"]),
@@ -145,7 +167,8 @@ def main() -> None:
             rounds.append(one_round(args, Path(tmp)))
     title = f"sora-export at scale ({args.case}, {len(rounds)} round(s))"
     table = Table(title=title, header_style="bold")
-    for col in ("command", "jobs", "wall s", "peak RSS (tree)", "bundle", "chunks", "from cache"):
+    columns = ("command", "jobs", "wall s", "CPU s", "steal s", "peak RSS (tree)", "bundle")
+    for col in (*columns, "chunks", "from cache"):
         table.add_column(col)
     for i, r in enumerate(rounds[0]):
         runs = [rows[i] for rows in rounds]
@@ -153,6 +176,8 @@ def main() -> None:
             r["label"],
             str(r["jobs"]),
             _spread([x["wall_seconds"] for x in runs], ""),
+            _spread([x["cpu_seconds"] for x in runs], ""),
+            _spread([x["steal_seconds"] or 0.0 for x in runs], ""),
             _spread([x["peak_tree_rss_bytes"] / 1e9 for x in runs], " GB", 2),
             f"{r['bundle_bytes'] / 1e9:.2f} GB",
             str(r["chunks"]),
