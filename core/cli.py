@@ -310,8 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch.export and coremltools emit deprecation chatter about their own internals
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from sora_export.core.report import err_console
-
+    # core.report (imports the engine, so torch) only once needed: an export starts its
+    # workers before this process imports torch (_early_workers)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             from sora_export.core import bundle_cli
@@ -319,10 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bundle_cli.main(argv[0], argv[1:])
         return run_export(argv)
     except SoraExportError as exc:
+        from sora_export.core.report import err_console
+
         label = "usage error" if exc.exit_code == 2 else "error"
         err_console.print(f"[bold red]{label}:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
+        from sora_export.core.report import err_console
+
         err_console.print(
             "[bold red]interrupted[/]: finished chunks are kept in OUT.partial; "
             "rerun with --resume to finish"

@@ -3,11 +3,11 @@
 An export builds modules, captures and lowers them, binds and copies weights: it keeps
 asking the kernel for fresh memory, and every 4 KiB page it touches first costs a fault
 and a zeroing. A cold STDiT3-XL/2 fp16 export on the 2-core VM took 1.4 million minor
-page faults (``--jobs 1``; 2.1 million with two workers) and 20-28 s of kernel time.
-With the two allocator settings below the same runs took 0.25 and 0.36 million
-(``examples/benchmarks/export_scale.py`` prints the runs' figures; ``/usr/bin/time -v``
-the fault counts). Python's cyclic garbage collector spent another ~6% of the run's CPU
-walking the objects of the imported modules (torch, coremltools) again and again.
+page faults (``--jobs 1``; 2.1 million with two workers) and 20-28 s of kernel time
+(``/usr/bin/time -f "%S s %R faults" sora-export ...``); with the settings below, 0.29
+million and 12 s at ``--jobs 1``. ``perf`` put another ~6% of the run's CPU in Python's
+cyclic garbage collector, walking the objects of the imported modules (torch,
+coremltools) again and again.
 
 - ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator aligns blocks of 2 MiB and more to
   2 MiB and asks for transparent huge pages for them (``madvise``), one fault per 2 MiB;

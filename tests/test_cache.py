@@ -234,10 +234,15 @@ def test_cli_starts_workers_before_importing_torch() -> None:
     import subprocess
     import sys
 
+    # the command's own path up to the point it starts the workers, too
     probe = (
-        "import sys; from sora_export.core import cli, workers; "
-        "print(sorted(m for m in ('torch', 'coremltools', 'sora_export.core.engine') "
-        "if m in sys.modules))"
+        "import sys; from sora_export.core import cli, workers\n"
+        "def early(args):\n"
+        "    print(sorted(m for m in ('torch', 'coremltools', 'sora_export.core.engine') "
+        "if m in sys.modules))\n"
+        "    raise SystemExit(0)\n"
+        "cli._early_workers = early\n"
+        "cli.main(['--plugins', 'stdit', '--jobs', '2', '-o', 'unused'])\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
