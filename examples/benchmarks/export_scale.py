@@ -6,8 +6,9 @@ its workers every 0.2 s; also the CPU seconds the process tree used and the seco
 hypervisor "stole" from this machine meanwhile (a busy host: wall times are then upper
 bounds, and parallel runs suffer more). Prints a rich table and writes the figures as
 JSON. With
-``--repeat N`` the case runs N rounds; the table gives medians (and ranges) and the
-speed-up or re-quantization ratio is the median of the rounds' own ratios.
+``--repeat N`` the case runs N rounds (the jobs case alternating which configuration
+runs first); the table gives medians (and ranges) and the speed-up or re-quantization
+ratio is the median of the rounds' own ratios.
 
     python examples/benchmarks/export_scale.py                      # STDiT3-XL/2: jobs 1 vs 2
     python examples/benchmarks/export_scale.py --case requantize    # cold vs re-quantize
@@ -106,19 +107,25 @@ def one_graph_profile(folder: Path) -> Path:
     return path
 
 
-def one_round(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Run the chosen case once in ``tmp``; one row per export."""
+def one_round(args: argparse.Namespace, tmp: Path, index: int = 0) -> list[dict]:
+    """Run the chosen case once in ``tmp``; one row per export. The jobs case runs its
+    configurations in reverse order in odd rounds: a run right after another one (whose
+    files fill the page cache, on a CPU that has been busy for a minute) was measured
+    slower than the same run alone, and alternating shares that between them."""
     rows = []
     base = ["--plugins", args.plugins, "--size", args.size, "--no-verify"]
     base += ["--shapes", args.shapes]
     if args.max_memory:
         base += ["--max-memory", args.max_memory]
     if args.case == "jobs":
-        for jobs in args.jobs:
+        order = list(args.jobs) if index % 2 == 0 else list(reversed(args.jobs))
+        by_jobs = {}
+        for jobs in order:
             out = tmp / f"jobs{jobs}"
             cold = ["--cache-dir", str(tmp / f"cache{jobs}")]  # each run starts cold
             policy = ["--quantize", args.quantize, "--jobs", str(jobs)]
-            rows.append(run_export([*base, *cold, *policy, "-o", str(out)]))
+            by_jobs[jobs] = run_export([*base, *cold, *policy, "-o", str(out)])
+        rows.extend(by_jobs[jobs] for jobs in args.jobs)
     elif args.case == "requantize":
         # cold fp16 export, then the same chunks at int8 into another bundle: the second
         # run finds every lowered model in the cache and only quantizes and saves
@@ -164,7 +171,7 @@ def main() -> None:
     rounds = []
     for _ in range(max(1, args.repeat)):
         with tempfile.TemporaryDirectory(prefix="sora-bench-") as tmp:
-            rounds.append(one_round(args, Path(tmp)))
+            rounds.append(one_round(args, Path(tmp), len(rounds)))
     title = f"sora-export at scale ({args.case}, {len(rounds)} round(s))"
     table = Table(title=title, header_style="bold")
     columns = ("command", "jobs", "wall s", "CPU s", "steal s", "peak RSS (tree)", "bundle")
