@@ -2120,12 +2120,12 @@ def lower_part_ahead(
     them, is cached; run it again later)."""
     chunk = plan.chunks[index]
     timings: dict[str, float] = {}
-    precision = _lower_precision(_policy(plan, chunk))
+    policy = _policy(plan, chunk)
+    precision = _lower_precision(policy)
     cache = part_cache(plan, stage)
     the_part = chunk.parts[part]
     job = _PartJob(plan, registry, chunk, the_part, "coreml", precision, cache, timings, wait=wait)
     suffix = get_backend("coreml").suffix
-    policy = _policy(plan, chunk)
     try:
         if cache.files(lowered_key(plan, the_part, "coreml", precision), suffix) is None:
             lower_part(job)
